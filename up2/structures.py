@@ -1,0 +1,113 @@
+"""Typed containers passed between the parts of UniPerceiverV2.
+
+Shape shorthand used across up2:
+    N  images in a batch            Q  proposal queries (O in the paper)
+    D  proposal-network width       d  unified-decoder width
+    L  feature levels               S  flattened pixels over all levels (sum of h_l * w_l)
+    K  ground-truth instances       Hm, Wm  mask-feature size (stride 4 of the padded image)
+    T  token-sequence length        C  candidate targets (class names, vocabulary)
+
+Boxes are normalised (cx, cy, w, h) in [0, 1] relative to the PADDED image
+(the `ImageList.tensor` size) unless a name says ``_xyxy`` / pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "PixelDecoderOutput",
+    "ProposalOutput",
+    "ProposalTargets",
+    "AttentionKind",
+    "TokenBatch",
+]
+
+
+@dataclass
+class PixelDecoderOutput:
+    """What the multi-scale deformable pixel decoder gives the proposal decoder.
+
+    Attributes:
+        mask_features: (N, D, Hm, Wm) float, stride-4 per-pixel embeddings for the mask branch.
+        memory: (N, S, D) float, encoder output flattened over the L levels (coarse to fine
+            order is NOT assumed: use ``spatial_shapes`` / ``level_start_index``).
+        spatial_shapes: (L, 2) int64, (h_l, w_l) of each level.
+        level_start_index: (L,) int64, offset of each level inside S.
+        padding_mask: (N, S) bool, True on padded pixels, or None when no image is padded.
+        multi_scale_features: L tensors (N, D, h_l, w_l), the encoder output unflattened.
+    """
+
+    mask_features: torch.Tensor
+    memory: torch.Tensor
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    padding_mask: Optional[torch.Tensor]
+    multi_scale_features: List[torch.Tensor]
+
+
+@dataclass
+class ProposalTargets:
+    """Ground truth of one image for the proposal network (class-agnostic).
+
+    Attributes:
+        boxes: (K, 4) float, normalised cxcywh w.r.t. the padded image.
+        masks: (K, Hp, Wp) bool at the padded image size, or None for box-only data.
+        labels: (K,) int64 contiguous class ids (used by the unified decoder, not by the
+            binary proposal network).
+    """
+
+    boxes: torch.Tensor
+    masks: Optional[torch.Tensor]
+    labels: torch.Tensor
+
+
+@dataclass
+class ProposalOutput:
+    """General region proposals (paper §4.1) from the last proposal-decoder layer.
+
+    Attributes:
+        sem: (N, Q, D) float, q^sem, the decoder's query features.
+        boxes: (N, Q, 4) float, q^box, normalised cxcywh w.r.t. the padded image.
+        masks: (N, Q, Hm, Wm) float, q^mask logits at stride 4.
+        objectness: (N, Q) float, foreground logit of the binary classifier.
+        matches: during training, one (pred_idx (M,), tgt_idx (M,)) int64 pair per image from
+            the Hungarian matcher on the last layer (the same matching the losses use);
+            None at inference.
+    """
+
+    sem: torch.Tensor
+    boxes: torch.Tensor
+    masks: torch.Tensor
+    objectness: torch.Tensor
+    matches: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+
+
+class AttentionKind(Enum):
+    """Self-attention pattern of the unified decoder (paper App. B)."""
+
+    BIDIRECTIONAL = "bidirectional"
+    PREFIX_CAUSAL = "prefix_causal"
+
+
+@dataclass
+class TokenBatch:
+    """A batch of token sequences for the unified decoder g.
+
+    Attributes:
+        tokens: (B, T, d) float.
+        padding_mask: (B, T) bool, True on padding.
+        attributes: (B, T, A) float, per-token routing attributes for conditional MoE
+            (modality, role, attention kind, task family); see ``up2.modeling.moe``.
+        attention: how tokens attend to each other.
+        prefix_length: (B,) int64 number of prefix tokens for PREFIX_CAUSAL (ignored otherwise).
+    """
+
+    tokens: torch.Tensor
+    padding_mask: torch.Tensor
+    attributes: Optional[torch.Tensor] = None
+    attention: AttentionKind = AttentionKind.BIDIRECTIONAL
+    prefix_length: Optional[torch.Tensor] = None
