@@ -76,7 +76,8 @@ def _check_core_inputs(value, shapes, level_start_index, sampling_locations, att
         expected = [0]
         for h, w in shapes[:-1]:
             expected.append(expected[-1] + h * w)
-        got = [int(i) for i in (level_start_index.tolist() if torch.is_tensor(level_start_index) else level_start_index)]
+        got = level_start_index.tolist() if torch.is_tensor(level_start_index) else list(level_start_index)
+        got = [int(i) for i in got]
         if got != expected:
             raise ValueError(f"level_start_index {got} does not match spatial_shapes {shapes} (expected {expected})")
     if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
@@ -262,8 +263,8 @@ class MSDeformAttn(nn.Module):
         if sum(h * w for h, w in shapes) != s:
             raise ValueError(f"value_input has S={s} pixels but spatial_shapes {shapes} sum to "
                              f"{sum(h * w for h, w in shapes)}")
-        if reference_points.shape[:3] != (n, lq, self.num_levels) or reference_points.shape[-1] not in (2, 4) \
-                or reference_points.dim() != 4:
+        if reference_points.dim() != 4 or tuple(reference_points.shape[:3]) != (n, lq, self.num_levels) \
+                or reference_points.shape[-1] not in (2, 4):
             raise ValueError(
                 f"reference_points must be (N={n}, Lq={lq}, L={self.num_levels}, 2 or 4), "
                 f"got {tuple(reference_points.shape)}"

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Convert a timm (or original Microsoft) Swin Transformer state dict for up2's ``D2SwinTransformer``.
+
+    python projects/convert/convert_swin_timm.py --input swin_base_patch4_window12_384.pth --output swin_b.pkl
+
+Then set ``MODEL.WEIGHTS swin_b.pkl`` (detectron2's ``DetectionCheckpointer`` loads it).
+
+Key mapping (timm -> up2): ``patch_embed.*`` -> ``<prefix>patch_embed.*`` and
+``layers.<i>.*`` -> ``<prefix>layers_<i>.*`` with ``<prefix>`` = ``backbone.swin.`` (the module
+path of the wrapped timm feature extractor inside ``UniPerceiverV2``). The classifier
+(``head.*``) and the final ``norm.*`` are dropped (a detection backbone has neither), and so are
+the non-persistent buffers ``relative_position_index`` / ``attn_mask`` of old checkpoints.
+Original Microsoft checkpoints keep a stage's patch merging at its END (``layers.0.downsample``)
+whereas timm keeps it at the START of the next stage: those are re-indexed (+1). Relative
+position tables of a different window size are NOT resized: build the backbone with the
+checkpoint's window size (the checkpointer skips shape-mismatched tensors with a warning).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checkpoint_io import load_state_dict, save_d2_checkpoint  # noqa: E402
+
+__all__ = ["convert_swin_state_dict", "main"]
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_OLD_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_BUFFERS = ("relative_position_index", "attn_mask")
+
+
+def convert_swin_state_dict(
+    state_dict: Dict[str, torch.Tensor], prefix: str = "backbone.swin."
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Rename a timm / Microsoft Swin state dict to up2's ``D2SwinTransformer`` keys.
+
+    Args:
+        state_dict: str -> Tensor as saved by ``timm.create_model(...).state_dict()`` (or an
+            original Swin ``model`` dict). Tensors are kept as they are (no copy).
+        prefix: module path of ``D2SwinTransformer.swin`` inside the model being loaded.
+
+    Returns:
+        (converted state dict, sorted list of the input keys that were dropped).
+
+    Raises:
+        ValueError: no ``patch_embed.*`` / ``layers.*`` key, i.e. not a Swin state dict.
+    """
+    if not any(k.startswith("patch_embed.") for k in state_dict) or not any(_LAYER.match(k) for k in state_dict):
+        raise ValueError(
+            "not a Swin Transformer state dict: expected 'patch_embed.*' and 'layers.<i>.*' keys, got e.g. "
+            f"{sorted(state_dict)[:5]}"
+        )
+    old_layout = "layers.0.downsample.reduction.weight" in state_dict
+    out, dropped = {}, []
+    for k, v in state_dict.items():
+        if any(b in k for b in _BUFFERS) or not (k.startswith("patch_embed.") or _LAYER.match(k)):
+            dropped.append(k)
+            continue
+        if old_layout:
+            k = _OLD_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)
+        k = _LAYER.sub(lambda m: f"layers_{m.group(1)}.", k)
+        out[prefix + k] = v
+    return out, sorted(dropped)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", required=True, help="timm / Swin state dict (.pth, .bin, .safetensors)")
+    parser.add_argument("--output", required=True, help="detectron2 checkpoint to write (.pkl or .pth)")
+    parser.add_argument("--prefix", default="backbone.swin.", help="module path of the timm Swin in the model")
+    args = parser.parse_args(argv)
+
+    state_dict = load_state_dict(args.input)
+    try:
+        converted, dropped = convert_swin_state_dict(state_dict, args.prefix)
+    except ValueError as e:
+        raise ValueError(f"input checkpoint {args.input!r}: {e}") from e
+    save_d2_checkpoint(converted, args.output, author="timm", matching_heuristics=False)
+    print(f"wrote {len(converted)} tensors to {args.output}; dropped {len(dropped)}: {dropped[:8]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

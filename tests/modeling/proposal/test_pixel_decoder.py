@@ -1,0 +1,164 @@
+"""MSDeformAttnPixelDecoder on a tiny fake backbone output, and the sine position encodings."""
+import math
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+
+from up2.config import add_up2_config
+from up2.modeling.proposal.pixel_decoder import MSDeformAttnPixelDecoder
+from up2.modeling.proposal.position_encoding import box_sine_encoding, position_encoding_2d, sine_encode
+from up2.structures import PixelDecoderOutput
+
+# a 64x96 padded image through a ResNet-like backbone
+SHAPE = {
+    "res2": ShapeSpec(channels=8, stride=4),
+    "res3": ShapeSpec(channels=12, stride=8),
+    "res4": ShapeSpec(channels=16, stride=16),
+    "res5": ShapeSpec(channels=20, stride=32),
+}
+
+
+def _features(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(n, spec.channels, 64 // spec.stride, 96 // spec.stride, generator=g)
+        for name, spec in SHAPE.items()
+    }
+
+
+def _decoder(num_layers=2, in_features=("res3", "res4", "res5")):
+    torch.manual_seed(0)
+    return MSDeformAttnPixelDecoder(
+        input_shape=SHAPE, in_features=list(in_features), mask_in_feature="res2", hidden_dim=32,
+        num_heads=2, num_layers=num_layers, ffn_dim=64, num_points=2, dropout=0.0,
+    )
+
+
+def test_output_shapes():
+    dec = _decoder()
+    out = dec(_features())
+    assert isinstance(out, PixelDecoderOutput)
+    assert out.mask_features.shape == (2, 32, 16, 24)
+    assert out.spatial_shapes.tolist() == [[2, 3], [4, 6], [8, 12]]  # coarse to fine
+    assert out.level_start_index.tolist() == [0, 6, 30]
+    assert out.memory.shape == (2, 6 + 24 + 96, 32)
+    assert out.padding_mask is None
+    assert [tuple(f.shape) for f in out.multi_scale_features] == [(2, 32, 2, 3), (2, 32, 4, 6), (2, 32, 8, 12)]
+    # the unflattened features are the memory
+    assert torch.equal(out.multi_scale_features[1].flatten(2).transpose(1, 2), out.memory[:, 6:30])
+
+
+def test_from_config():
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.MODEL.PROPOSAL.HIDDEN_DIM = 32
+    cfg.MODEL.PROPOSAL.NHEADS = 2
+    cfg.MODEL.PROPOSAL.ENC_LAYERS = 1
+    cfg.MODEL.PROPOSAL.ENC_FFN_DIM = 64
+    dec = MSDeformAttnPixelDecoder(cfg, SHAPE)
+    assert len(dec.layers) == 1 and dec.layers[0].self_attn.num_points == cfg.MODEL.PROPOSAL.N_POINTS
+    out = dec(_features(n=1))
+    assert out.memory.shape == (1, 126, 32)
+
+
+def test_gradients_reach_every_parameter():
+    dec = _decoder(num_layers=2)
+    # the standard init zeroes the query->offset/attention weights, so the position and level
+    # embeddings get an exactly-zero gradient at step 0; perturb them as after some training
+    with torch.no_grad():
+        for layer in dec.layers:
+            layer.self_attn.sampling_offsets.weight.normal_(0, 0.01)
+            layer.self_attn.attention_weights.weight.normal_(0, 0.01)
+    out = dec(_features())
+    loss = out.mask_features.square().mean() + out.memory.square().mean()
+    loss = loss + sum(f.mean() for f in out.multi_scale_features)
+    loss.backward()
+    no_grad = [n for n, p in dec.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+               or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+
+
+def test_padding_mask():
+    dec = _decoder().eval()
+    feats = _features()
+    out_none = dec(feats)
+    # an all-False mask is the same as no mask
+    out_zero = dec(feats, torch.zeros(2, 64, 96, dtype=torch.bool))
+    assert torch.allclose(out_none.memory, out_zero.memory, atol=1e-5)
+    assert torch.allclose(out_none.mask_features, out_zero.mask_features, atol=1e-5)
+    # image 1 padded on the right half and bottom quarter
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, :, 48:] = True
+    mask[1, 48:, :] = True
+    out = dec(feats, mask)
+    assert out.padding_mask.shape == (2, 126)
+    res3_mask = out.padding_mask[:, 30:].view(2, 8, 12)
+    assert not res3_mask[0].any()
+    assert res3_mask[1, :6, :6].logical_not().all() and res3_mask[1, :, 6:].all() and res3_mask[1, 6:].all()
+    assert torch.isfinite(out.memory).all() and torch.isfinite(out.mask_features).all()
+    # the unpadded image is unaffected by its neighbour's padding
+    assert torch.allclose(out.memory[0], out_none.memory[0], atol=1e-5)
+    # the padded image's output differs (valid ratios / masked values are used)
+    assert not torch.allclose(out.memory[1], out_none.memory[1], atol=1e-3)
+
+
+def test_bad_config_and_inputs():
+    with pytest.raises(ValueError, match="ENC_LAYERS"):
+        _decoder(num_layers=0)
+    with pytest.raises(ValueError, match="res6"):
+        _decoder(in_features=("res5", "res6"))
+    dec = _decoder(num_layers=1)
+    feats = _features()
+    del feats["res2"]
+    with pytest.raises(ValueError, match="res2"):
+        dec(feats)
+    with pytest.raises(ValueError, match="padding_mask"):
+        dec(_features(), torch.zeros(2, 64, 96))
+
+
+def test_autocast_bf16_cpu():
+    dec = _decoder(num_layers=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(_features())
+    assert torch.isfinite(out.mask_features.float()).all() and torch.isfinite(out.memory.float()).all()
+
+
+def _hand_sine(u, f, t=10000.0):
+    vals = []
+    for k in range(f):
+        a = 2 * math.pi * u / t ** (2 * (k // 2) / f)
+        vals.append(math.sin(a) if k % 2 == 0 else math.cos(a))
+    return vals
+
+
+def test_position_encoding_2d_formula():
+    d = 16
+    pos = position_encoding_2d(None, d, shape=(1, 5, 7))
+    assert pos.shape == (1, 16, 5, 7)
+    for i, j in ((0, 0), (3, 5), (4, 6)):
+        expect = _hand_sine((i + 0.5) / 5, 8) + _hand_sine((j + 0.5) / 7, 8)
+        assert torch.allclose(pos[0, :, i, j], torch.tensor(expect), atol=1e-5)
+    # with padding: normalised by the valid size (3 rows x 4 cols valid)
+    mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    mask[0, :3, :4] = False
+    pos_m = position_encoding_2d(mask, d)
+    expect = _hand_sine((1 + 0.5) / 3, 8) + _hand_sine((2 + 0.5) / 4, 8)
+    assert torch.allclose(pos_m[0, :, 1, 2], torch.tensor(expect), atol=1e-5)
+    assert torch.allclose(position_encoding_2d(torch.zeros(2, 5, 7, dtype=torch.bool), d), pos.expand(2, -1, -1, -1))
+
+
+def test_box_sine_encoding_formula():
+    boxes = torch.tensor([[[0.3, 0.6, 0.2, 0.9]], [[0.5, 0.5, 1.0, 0.01]]])
+    enc = box_sine_encoding(boxes, 32)
+    assert enc.shape == (2, 1, 32)
+    for b in range(2):
+        expect = sum((_hand_sine(float(c), 8) for c in boxes[b, 0]), [])
+        assert torch.allclose(enc[b, 0], torch.tensor(expect), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        box_sine_encoding(boxes, 12)
+    with pytest.raises(ValueError, match="cxcywh"):
+        box_sine_encoding(boxes[..., :2], 32)
+    with pytest.raises(ValueError, match="even"):
+        sine_encode(boxes, 3)

@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Train / evaluate UniPerceiverV2 the detectron2 way.
+
+    python train_net.py --config-file configs/up2_R50.yaml --num-gpus 8
+    python train_net.py --config-file configs/tiny/det_shapes.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
+from up2 import add_up2_config
+from up2.engine import UP2Trainer
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = UP2Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        return UP2Trainer.test(cfg, model)
+    trainer = UP2Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))

@@ -1,0 +1,166 @@
+"""Object detection and instance segmentation in the unified formulation (paper §4.3,
+"Tasks with Localization"; DESIGN §4).
+
+Shape shorthand: N images, Q proposals, R regional tokens, C classes, d width, K ground-truth
+instances of one image, Hm x Wm mask logits (stride 4), Hp x Wp the padded input size.
+
+Each regional token's output from g is compared with the class-name embeddings (Eq. 5-6);
+proposals matched to a ground-truth object by the proposal network's matcher get the class
+cross-entropy of Eq. 7. At inference, score = P(foreground) x P(class); boxes and masks are
+the proposals' own.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.structures import Boxes, ImageList, Instances
+from torchvision.ops import box_convert
+
+from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.structures import ProposalTargets
+
+__all__ = ["DetectionTask", "InstanceSegmentationTask", "instances_to_targets"]
+
+
+def instances_to_targets(batched_inputs: Sequence[dict], images: ImageList, with_masks: bool) -> List[ProposalTargets]:
+    """Ground truth in the proposal network's convention.
+
+    Args:
+        batched_inputs: mapper dicts; each needs "instances" with gt_boxes (XYXY pixels of the
+            resized image), gt_classes (K,) and, when ``with_masks``, gt_masks (BitMasks).
+        images: the padded batch (its tensor gives Hp, Wp).
+
+    Returns:
+        One ProposalTargets per image: boxes (K, 4) normalised cxcywh w.r.t. (Wp, Hp), masks
+        (K, Hp, Wp) bool or None, labels (K,) int64.
+
+    Raises:
+        KeyError: an input without "instances" (training needs annotations).
+    """
+    Hp, Wp = images.tensor.shape[-2:]
+    device = images.tensor.device
+    scale = torch.tensor([Wp, Hp, Wp, Hp], dtype=torch.float32, device=device)
+    targets = []
+    for i, x in enumerate(batched_inputs):
+        if "instances" not in x:
+            raise KeyError(f"training input {i} ({x.get('file_name', '?')}) has no 'instances'")
+        inst = x["instances"].to(device)
+        boxes = box_convert(inst.gt_boxes.tensor.float(), "xyxy", "cxcywh") / scale
+        masks = None
+        if with_masks:
+            if not inst.has("gt_masks"):
+                raise KeyError(f"input {x.get('file_name', i)} has no gt_masks but the task needs masks")
+            m = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+            masks = torch.zeros(m.shape[0], Hp, Wp, dtype=torch.bool, device=device)
+            masks[:, : m.shape[1], : m.shape[2]] = m.bool()
+        targets.append(ProposalTargets(boxes=boxes.clamp(0, 1), masks=masks, labels=inst.gt_classes.long()))
+    return targets
+
+
+@register_task("detection")
+class DetectionTask:
+    """Box detection (masks are not supervised, boxes still come from the proposals)."""
+
+    with_masks = False
+
+    def __init__(self, spec: TaskSpec, test_topk: int = 100):
+        self.spec = spec
+        self.test_topk = test_topk
+
+    def losses(
+        self,
+        region_features: torch.Tensor,
+        regional_index: torch.Tensor,
+        class_embeddings: torch.Tensor,
+        likelihood,
+        matches,
+        targets: List[ProposalTargets],
+    ) -> Dict[str, torch.Tensor]:
+        """Class loss of Eq. 7 for proposals matched to an object and kept as tokens.
+
+        Args:
+            region_features: (N, R, d) g's outputs at the regional tokens.
+            regional_index: (N, R) int64 proposal index of each token.
+            class_embeddings: (C, d) targets. likelihood: the Likelihood module.
+            matches: per image (pred_idx, tgt_idx) from the proposal matcher.
+            targets: ground truth (labels are contiguous class ids).
+
+        Returns:
+            {"loss_class": 0-dim float}; an exact, graph-connected zero when nothing matched.
+        """
+        N, R = regional_index.shape
+        Q = int(regional_index.max().item()) + 1 if regional_index.numel() else 0
+        feats, labels = [], []
+        for i, ((pred_idx, tgt_idx), tgt) in enumerate(zip(matches, targets)):
+            if pred_idx.numel() == 0:
+                continue
+            slot = torch.full((max(Q, int(pred_idx.max()) + 1),), -1, dtype=torch.long, device=regional_index.device)
+            slot[regional_index[i]] = torch.arange(R, device=regional_index.device)
+            pos = slot[pred_idx.to(slot.device)]
+            kept = pos >= 0
+            feats.append(region_features[i, pos[kept]])
+            labels.append(tgt.labels[tgt_idx.to(tgt.labels.device)][kept])
+        if feats:
+            logits = likelihood(torch.cat(feats), class_embeddings)
+            target = torch.cat(labels).to(logits.device)
+        else:
+            logits = likelihood(region_features[:, :0].reshape(0, region_features.shape[-1]), class_embeddings)
+            target = torch.zeros(0, dtype=torch.long, device=logits.device)
+        loss = likelihood.loss(logits, target, self.spec.loss_weight)
+        # keep every class embedding in the graph even when nothing matched (DDP-safe)
+        return {"loss_class": loss + 0.0 * class_embeddings.sum()}
+
+    def postprocess(
+        self,
+        region_logits: torch.Tensor,
+        objectness: torch.Tensor,
+        boxes: torch.Tensor,
+        masks: torch.Tensor,
+        images: ImageList,
+        batched_inputs: Sequence[dict],
+    ) -> List[dict]:
+        """Detections in input-image pixels, detectron2's output format.
+
+        Args:
+            region_logits: (N, R, C) float32 class logits of the regional tokens.
+            objectness: (N, R) fg logits. boxes: (N, R, 4) normalised cxcywh (padded image).
+            masks: (N, R, Hm, Wm) mask logits.
+            images: the padded batch; ``images.image_sizes`` are the resized sizes.
+            batched_inputs: give "height"/"width" of the original image (defaults: resized size).
+
+        Returns:
+            per image {"instances": Instances(pred_boxes XYXY pixels, scores, pred_classes,
+            pred_masks (bool, original size; only for instance segmentation))}.
+        """
+        Hp, Wp = images.tensor.shape[-2:]
+        C = region_logits.shape[-1]
+        scores = objectness.float().sigmoid()[..., None] * region_logits.float().softmax(-1)  # (N, R, C)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            h, w = images.image_sizes[i]
+            out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+            k = min(self.test_topk, scores[i].numel())
+            top, flat = scores[i].flatten().topk(k)
+            r, cls = flat // C, flat % C
+            xyxy = box_convert(boxes[i, r].float(), "cxcywh", "xyxy") * boxes.new_tensor([Wp, Hp, Wp, Hp]).float()
+            xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w) * (out_w / w)
+            xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h) * (out_h / h)
+            inst = Instances((out_h, out_w))
+            inst.pred_boxes = Boxes(xyxy)
+            inst.scores = top
+            inst.pred_classes = cls
+            if self.with_masks:
+                m = F.interpolate(masks[i, r][None].float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
+                m = F.interpolate(m[:, :, :h, :w], size=(out_h, out_w), mode="bilinear", align_corners=False)
+                inst.pred_masks = m[0] > 0
+            results.append({"instances": inst})
+        return results
+
+
+@register_task("instance_segmentation")
+class InstanceSegmentationTask(DetectionTask):
+    """Detection plus mask supervision and mask outputs."""
+
+    with_masks = True

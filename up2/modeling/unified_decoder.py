@@ -1,0 +1,157 @@
+"""g: the Transformer shared by every task and by inputs and targets alike (paper §4.3, Eq. 6).
+
+Shape shorthand: B sequences, T tokens, d width.
+
+The decoder is BERT-like (post-LayerNorm, GELU FFN; paper §5.2: BERT-base sizes with 6
+layers). A learned ``[SPE]`` token is put in front of every sequence; tasks read the
+sequence-level representation there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from torch import nn
+
+from up2.structures import AttentionKind, TokenBatch
+
+__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "build_attention_mask"]
+
+
+def build_attention_mask(batch: TokenBatch) -> torch.Tensor:
+    """Boolean "may attend" mask for ``F.scaled_dot_product_attention``.
+
+    Args:
+        batch: tokens (B, T, d), padding_mask (B, T) bool (True = pad), attention kind and,
+            for PREFIX_CAUSAL, prefix_length (B,) int64.
+
+    Returns:
+        (B, 1, T, T) bool, True where query t may attend key s. Padding keys are masked;
+        every token may attend itself, so no row is empty (padded rows stay finite).
+
+    Raises:
+        ValueError: PREFIX_CAUSAL without ``prefix_length``.
+    """
+    B, T = batch.padding_mask.shape
+    device = batch.padding_mask.device
+    allowed = (~batch.padding_mask)[:, None, :].expand(B, T, T)
+    if batch.attention is AttentionKind.PREFIX_CAUSAL:
+        if batch.prefix_length is None:
+            raise ValueError("TokenBatch.prefix_length is required for PREFIX_CAUSAL attention")
+        idx = torch.arange(T, device=device)
+        causal = idx[None, :] <= idx[:, None]  # (T, T): key s <= query t
+        in_prefix = idx[None, :] < batch.prefix_length[:, None]  # (B, T) key is a prefix token
+        allowed = allowed & (causal[None] | in_prefix[:, None, :])
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)[None]
+    return allowed[:, None]
+
+
+class FeedForward(nn.Module):
+    """Dense FFN: Linear(d, f) -> GELU -> dropout -> Linear(f, d). Input/output (B, T, d)."""
+
+    def __init__(self, embed_dim: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+
+
+class UnifiedDecoderLayer(nn.Module):
+    """One post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+
+    def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"UNIFIED_DECODER.EMBED_DIM={embed_dim} is not divisible by NUM_HEADS={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None) -> torch.Tensor:
+        """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend). Returns (B, T, d)."""
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        x = self.norm1(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(B, T, d))))
+        return self.norm2(x + self.dropout(self.ffn(x, attributes)))
+
+
+class UnifiedDecoder(nn.Module):
+    """The modality-agnostic Transformer g (paper §4.3).
+
+    ``forward`` prepends ``[SPE]`` and returns un-normalised features; the likelihood
+    (``up2.modeling.likelihood``) L2-normalises them.
+    """
+
+    @configurable
+    def __init__(self, *, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float):
+        """
+        Args:
+            embed_dim: d. num_layers: Transformer layers (paper: 6). num_heads: attention heads.
+            ffn_dim: FFN hidden width. dropout: dropout of attention, FFN and embeddings.
+        """
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.spe = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        nn.init.normal_(self.spe, std=0.02)
+        self.input_norm = nn.LayerNorm(embed_dim)
+        self.input_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            UnifiedDecoderLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        g = cfg.MODEL.UNIFIED_DECODER
+        return {
+            "embed_dim": g.EMBED_DIM,
+            "num_layers": g.NUM_LAYERS,
+            "num_heads": g.NUM_HEADS,
+            "ffn_dim": g.FFN_DIM,
+            "dropout": g.DROPOUT,
+        }
+
+    def with_spe(self, batch: TokenBatch) -> TokenBatch:
+        """Return a new batch with ``[SPE]`` as token 0 (tokens (B, T+1, d)); prefix_length grows by 1."""
+        B = batch.tokens.shape[0]
+        spe = self.spe.to(batch.tokens.dtype).expand(B, 1, -1)
+        pad = torch.zeros(B, 1, dtype=torch.bool, device=batch.padding_mask.device)
+        attributes = batch.attributes
+        if attributes is not None:
+            attributes = torch.cat([attributes[:, :1], attributes], dim=1)
+        prefix = None if batch.prefix_length is None else batch.prefix_length + 1
+        return TokenBatch(
+            tokens=torch.cat([spe, batch.tokens], dim=1),
+            padding_mask=torch.cat([pad, batch.padding_mask], dim=1),
+            attributes=attributes,
+            attention=batch.attention,
+            prefix_length=prefix,
+        )
+
+    def forward(self, batch: TokenBatch) -> torch.Tensor:
+        """Encode a token batch.
+
+        Args:
+            batch: TokenBatch WITHOUT ``[SPE]``: tokens (B, T, d) float, padding_mask (B, T) bool.
+
+        Returns:
+            (B, T + 1, d) float: position 0 is ``[SPE]``, position i + 1 is input token i.
+        """
+        if batch.tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
+        batch = self.with_spe(batch)
+        mask = build_attention_mask(batch)
+        x = self.input_dropout(self.input_norm(batch.tokens))
+        for layer in self.layers:
+            x = layer(x, mask, batch.attributes)
+        return x
