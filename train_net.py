@@ -4,13 +4,17 @@
     python train_net.py --config-file configs/up2_R50.yaml --num-gpus 8
     python train_net.py --config-file configs/tiny/det_shapes.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
 """
+import os
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
 from up2.engine import UP2Trainer
+from up2.utils import write_json_atomic
 
 
 def setup(args):
@@ -28,7 +32,10 @@ def main(args):
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return UP2Trainer.test(cfg, model)
+        results = UP2Trainer.test(cfg, model)
+        if comm.is_main_process():
+            write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))
+        return results
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

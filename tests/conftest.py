@@ -32,3 +32,40 @@ def coco128() -> Path:
     if not (COCO128 / "instances.json").is_file():
         pytest.skip(f"coco128 not found at {COCO128}")
     return COCO128
+
+
+@pytest.fixture(scope="session")
+def shapes_datasets(tmp_path_factory):
+    """A small shapes dataset (24 train / 8 val images, 64 px) registered as test_shapes_{train,val}."""
+    from up2.data.datasets.shapes import generate_shapes_dataset, register_shapes
+
+    root = tmp_path_factory.mktemp("shapes") / "shapes"
+    generate_shapes_dataset(str(root), num_train=24, num_val=8, image_size=64, seed=0)
+    return register_shapes(str(root), prefix="test_shapes")
+
+
+def tiny_cfg(task_type: str = "instance_segmentation", train="test_shapes_train", test="test_shapes_val", **overrides):
+    """The tiny config (configs/tiny/Base-tiny.yaml) shrunk further for unit tests."""
+    from detectron2.config import get_cfg
+
+    import up2  # noqa: F401
+    from up2 import add_up2_config
+
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs" / "tiny" / "Base-tiny.yaml"))
+    cfg.merge_from_list(
+        [
+            "MODEL.PROPOSAL.HIDDEN_DIM", 32, "MODEL.PROPOSAL.NHEADS", 2, "MODEL.PROPOSAL.ENC_LAYERS", 1,
+            "MODEL.PROPOSAL.DEC_LAYERS", 2, "MODEL.PROPOSAL.NUM_QUERIES", 12, "MODEL.PROPOSAL.DN_NUM", 8,
+            "MODEL.PROPOSAL.TRAIN_NUM_POINTS", 256, "MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS", 8,
+            "MODEL.UNIFIED_DECODER.EMBED_DIM", 32, "MODEL.UNIFIED_DECODER.NUM_HEADS", 2,
+            "MODEL.UNIFIED_DECODER.FFN_DIM", 64, "MODEL.UNIFIED_DECODER.NUM_LAYERS", 1,
+            "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 64, "INPUT.MIN_SIZE_TEST", 64,
+            "INPUT.MAX_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 4,
+        ]
+    )
+    cfg.TASKS.TASK = type(cfg)({"TYPE": task_type, "DATASETS": {"TRAIN": [train], "TEST": [test]}, "IMS_PER_BATCH": 4})
+    for k, v in overrides.items():
+        cfg.merge_from_list([k, v])
+    return cfg

