@@ -75,7 +75,7 @@ def test_minimal_at_ground_truth_and_larger_when_perturbed():
     noisy, _ = crit(_output(3, perturb=0.1)[0], [_targets()])
     assert set(noisy) == set(perfect)
     for key in perfect:
-        assert noisy[key].item() > perfect[key].item() + 0.1, key
+        assert noisy[key].item() > perfect[key].item() + 0.05, key
 
 
 def test_matches_and_hand_computed_box_loss():

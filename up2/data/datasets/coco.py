@@ -1,5 +1,7 @@
 """COCO-format instance datasets, registered with validation (DESIGN §8, issue item 7).
 
+The paper trains and evaluates detection and instance segmentation on COCO (paper §5.1).
+
 A registered dataset yields detectron2 "standard dataset dicts" (``load_coco_json``): one
 dict per image with ``file_name``, ``height``, ``width``, ``image_id`` and ``annotations``;
 each annotation has ``bbox`` (4 floats, XYWH in pixels, ``bbox_mode=BoxMode.XYWH_ABS``),
@@ -25,7 +27,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
@@ -75,7 +77,7 @@ def _valid_bbox(bbox) -> bool:
 
 
 def load_coco_instances_checked(
-    json_file: str, image_root: str, dataset_name: str = None, with_masks: bool = True
+    json_file: str, image_root: str, dataset_name: Optional[str] = None, with_masks: bool = True
 ) -> List[dict]:
     """Load a COCO instances json into detectron2 dataset dicts, validated and cleaned.
 

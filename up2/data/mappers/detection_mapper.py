@@ -1,4 +1,4 @@
-"""Dataset mapper for detection / instance segmentation (DESIGN §3 step 2, issue item 7).
+"""Dataset mapper for detection / instance segmentation (paper §5.1 COCO tasks; DESIGN §3 step 2).
 
 Shape shorthand: H0, W0 original image size; H, W size after augmentation; K instances kept.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import List, Optional, Union
+from typing import List, Union
 
 import numpy as np
 import pycocotools.mask as mask_util

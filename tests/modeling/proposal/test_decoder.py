@@ -1,0 +1,176 @@
+"""ProposalDecoder (query selection + DINO decoder) and contrastive denoising queries."""
+import pytest
+import torch
+from torchvision.ops import box_convert
+
+from up2.modeling.proposal.decoder import ProposalDecoder
+from up2.modeling.proposal.denoising import build_denoising_queries
+from up2.structures import PixelDecoderOutput
+
+D, SHAPES, HM = 32, [(2, 2), (4, 4), (8, 8)], 16
+
+
+def _enc(n=2, padding=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(SHAPES, dtype=torch.long)
+    sizes = shapes.prod(1)
+    s = int(sizes.sum())
+    memory = torch.randn(n, s, D, generator=g)
+    pad = None
+    if padding:  # image 1: right half padded on every level
+        pad = torch.cat([torch.zeros(n, h, w, dtype=torch.bool).index_fill(2, torch.arange(w // 2, w), True)
+                         .flatten(1) for h, w in SHAPES], dim=1)
+        pad[0] = False
+    return PixelDecoderOutput(
+        mask_features=torch.randn(n, D, HM, HM, generator=g),
+        memory=memory,
+        spatial_shapes=shapes,
+        level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+        padding_mask=pad,
+        multi_scale_features=[],
+    )
+
+
+def _decoder(**kw):
+    args = dict(hidden_dim=D, num_heads=2, num_levels=len(SHAPES), num_points=2, num_layers=2, ffn_dim=64,
+                num_queries=6, dn_num=8, dn_box_noise=0.4, init_box_from_mask=True)
+    args.update(kw)
+    torch.manual_seed(0)
+    return ProposalDecoder(**args)
+
+
+GT = [torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.7, 0.3, 0.2], [0.5, 0.5, 0.4, 0.4]]),
+      torch.tensor([[0.5, 0.4, 0.3, 0.3]])]
+
+
+def test_shapes_and_ranges():
+    dec = _decoder().eval()
+    out = dec(_enc())
+    assert len(out.layers) == 3 and out.dn_layers is None and out.denoising is None
+    for p in [out.interm] + out.layers:
+        assert p.objectness.shape == (2, 6) and p.boxes.shape == (2, 6, 4) and p.masks.shape == (2, 6, HM, HM)
+        assert bool(((p.boxes >= 0) & (p.boxes <= 1)).all())
+    assert out.query_features.shape == (2, 6, D)
+    # final LayerNorm: zero mean, unit variance per query (default affine init)
+    torch.testing.assert_close(out.query_features.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_topk_selects_highest_scoring_valid_pixels(padding):
+    dec = _decoder(init_box_from_mask=False).eval()
+    enc = _enc(padding=padding)
+    memory, anchors_unact, valid = dec.pixel_proposals(enc)
+    scores = dec.enc_objectness(memory)[..., 0]
+    out = dec(enc)
+    for i in range(2):
+        ranked = scores[i][valid[i]].sort(descending=True).values
+        torch.testing.assert_close(out.interm.objectness[i].detach().sort(descending=True).values, ranked[:6])
+    if padding:
+        # image 1's right half is padding: every selected anchor centre has x < 0.5
+        sel = scores[1].masked_fill(~valid[1], float("-inf")).topk(6).indices
+        assert bool((anchors_unact[1, sel, 0].sigmoid() < 0.5).all())
+    # with zero-initialised box deltas, the selected boxes are the anchors: side 0.05 * 2**rank
+    sides = out.interm.boxes[..., 2].detach()
+    allowed = torch.tensor([0.05, 0.1, 0.2])  # finest (8x8) .. coarsest (2x2)
+    assert bool(((sides[..., None] - allowed).abs().min(-1).values < 1e-4).all())
+
+
+def test_boxes_from_masks_hand_computed():
+    logits = torch.full((1, 2, 8, 8), -1.0)
+    logits[0, 0, 2:4, 1:6] = 1.0  # rows 2-3, cols 1-5
+    fallback = torch.full((1, 2, 4), 0.5)
+    boxes = ProposalDecoder.boxes_from_masks(logits, fallback)
+    expected = box_convert(torch.tensor([[1 / 8, 2 / 8, 6 / 8, 4 / 8]]), "xyxy", "cxcywh")[0]
+    torch.testing.assert_close(boxes[0, 0], expected)
+    torch.testing.assert_close(boxes[0, 1], fallback[0, 1])  # empty mask -> fallback
+
+
+def test_denoising_groups_noise_and_attention_mask():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(D, generator=g)
+    dn = build_denoising_queries(GT, num_dn=20, box_noise_scale=0.4, num_matching=6, label_embedding=emb,
+                                 generator=g)
+    km, groups = 3, 20 // (2 * 3)
+    assert dn.max_boxes == km and dn.num_groups == groups and dn.num_queries == 2 * groups * km
+    t = dn.num_queries
+    # padding: image 1 has one box -> slots 1, 2 of each half-group are padding
+    slot = torch.arange(t) % km
+    assert torch.equal(dn.padding_mask[0], torch.zeros(t, dtype=torch.bool))
+    assert torch.equal(dn.padding_mask[1], slot >= 1)
+    assert bool((dn.content[1, dn.padding_mask[1]] == 0).all())
+    torch.testing.assert_close(dn.content[0], emb.expand(t, D))
+    # objectness targets: 1 on positive (first half of each group) valid slots
+    is_pos = (torch.arange(t) % (2 * km)) < km
+    assert torch.equal(dn.objectness_target.bool(), is_pos[None] & ~dn.padding_mask)
+    for i, (q, k) in enumerate(dn.positive_matches):
+        assert q.numel() == groups * GT[i].shape[0] and bool(is_pos[q].all()) and torch.equal(k, q % km)
+    # noise magnitude: positive corners move < lambda * half side, negatives in [lambda, 2 lambda)
+    for i in range(2):
+        valid = ~dn.padding_mask[i]
+        src = GT[i][torch.arange(t) % km % GT[i].shape[0]]
+        moved = (box_convert(dn.boxes[i], "cxcywh", "xyxy") - box_convert(src, "cxcywh", "xyxy")).abs()
+        half = (src[:, 2:] / 2).repeat(1, 2)
+        ratio = moved / (half * 0.4)
+        pos, neg = valid & is_pos, valid & ~is_pos
+        assert bool((ratio[pos] <= 1 + 1e-4).all())
+        unclipped = neg[:, None] & (box_convert(dn.boxes[i], "cxcywh", "xyxy") > 0) & (
+            box_convert(dn.boxes[i], "cxcywh", "xyxy") < 1)
+        assert bool((ratio[unclipped] >= 1 - 1e-4).all()) and bool((ratio[neg[:, None].expand(-1, 4)] <= 2 + 1e-4).all())
+    # attention: matching queries see no dn query; dn queries see own group + all matching
+    m = dn.attn_mask
+    assert m.shape == (t + 6, t + 6)
+    assert bool(m[t:, :t].all()) and not bool(m[t:, t:].any()) and not bool(m[:t, t:].any())
+    group = torch.arange(t) // (2 * km)
+    assert torch.equal(m[:t, :t], group[:, None] != group[None, :])
+
+
+def test_denoising_none_and_errors():
+    emb = torch.zeros(D)
+    assert build_denoising_queries([torch.zeros(0, 4)] * 2, num_dn=8, box_noise_scale=0.4, num_matching=4,
+                                   label_embedding=emb) is None
+    assert build_denoising_queries(GT, num_dn=0, box_noise_scale=0.4, num_matching=4, label_embedding=emb) is None
+    dn = build_denoising_queries(GT, num_dn=2, box_noise_scale=0.4, num_matching=4, label_embedding=emb)
+    assert dn.num_groups == 1  # at least one group
+    with pytest.raises(ValueError, match="gt_boxes\\[0\\]"):
+        build_denoising_queries([torch.zeros(3)], num_dn=8, box_noise_scale=0.4, num_matching=4,
+                                label_embedding=emb)
+
+
+def test_matching_queries_do_not_see_denoising_queries():
+    dec = _decoder().train()
+    enc = _enc()
+    with_dn = dec(enc, GT)
+    assert with_dn.denoising is not None and len(with_dn.dn_layers) == 3
+    assert with_dn.dn_layers[-1].boxes.shape == (2, with_dn.denoising.num_queries, 4)
+    dec.dn_num = 0
+    without = dec(enc, GT)
+    assert without.denoising is None
+    for a, b in zip(with_dn.layers, without.layers):
+        torch.testing.assert_close(a.boxes, b.boxes)
+        torch.testing.assert_close(a.objectness, b.objectness)
+    torch.testing.assert_close(with_dn.query_features, without.query_features)
+    assert dec.eval()(enc, GT).denoising is None  # no denoising at inference
+
+
+def test_gradients_and_bf16_autocast():
+    dec = _decoder().train()
+    enc = _enc()
+    enc.memory.requires_grad_(True)
+    out = dec(enc, GT)
+    loss = sum(p.objectness.sum() + p.boxes.sum() + p.masks.mean() for p in out.layers + out.dn_layers)
+    (loss + out.interm.objectness.sum() + out.query_features.sum()).backward()
+    assert enc.memory.grad is not None and enc.memory.grad.abs().sum() > 0
+    assert dec.enc_objectness.weight.grad.abs().sum() > 0  # selection head is trained via interm
+    assert dec.dn_label_embed.weight.grad.abs().sum() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec.eval()(_enc())
+    assert torch.isfinite(out.layers[-1].boxes.float()).all()
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="num_queries"):
+        _decoder(num_queries=100).eval()(_enc())
+    with pytest.raises(ValueError, match="levels"):
+        _decoder(num_levels=4)(_enc())
+    with pytest.raises(ValueError, match="hidden_dim"):
+        _decoder(hidden_dim=30)
