@@ -69,6 +69,11 @@ def add_up2_config(cfg: CN) -> None:
     G.FFN_DIM = 3072
     G.DROPOUT = 0.1  # BERT-base
     G.INIT_TEMPERATURE = 0.07  # tau at initialisation (learnable, clamped to >= 0.01)
+    G.MOE = CN()
+    G.MOE.ENABLED = False  # Conditional MoE (Uni-Perceiver-MoE) in every FFN of g (paper §5.2); False = dense FFN
+    G.MOE.NUM_EXPERTS = 8  # E experts per FFN layer (not stated in the paper; ours)
+    G.MOE.TOP_K = 2  # experts per token, chosen from its attributes only (not stated in the paper; ours)
+    G.MOE.BALANCE_LOSS_WEIGHT = 0.0  # Switch load-balancing loss weight; 0 disables (few attribute groups per batch)
 
     # ---- Tasks (DESIGN §5). One sub-node per task, e.g. TASKS.DETECTION ----------------
     # keys of a task: TYPE ("detection" | "instance_segmentation"), DATASETS_TRAIN, DATASETS_TEST,

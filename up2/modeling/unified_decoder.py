@@ -8,11 +8,16 @@ sequence-level representation there.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from up2.modeling.moe import ConditionalMoE
+from up2.modeling.token_attributes import ATTRIBUTE_DIM
 from up2.structures import AttentionKind, TokenBatch
 
 __all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "build_attention_mask"]
@@ -60,9 +65,14 @@ class FeedForward(nn.Module):
 
 
 class UnifiedDecoderLayer(nn.Module):
-    """One post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """One post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
 
-    def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float):
+    ``ffn_factory`` (zero-argument callable returning a module called as ``ffn(x, attributes)``,
+    e.g. a ``ConditionalMoE``) replaces the dense FFN when given.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float,
+                 ffn_factory: Optional[Callable[[], nn.Module]] = None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"UNIFIED_DECODER.EMBED_DIM={embed_dim} is not divisible by NUM_HEADS={num_heads}")
@@ -70,7 +80,7 @@ class UnifiedDecoderLayer(nn.Module):
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         self.norm1 = nn.LayerNorm(embed_dim)
-        self.ffn = FeedForward(embed_dim, ffn_dim, dropout)
+        self.ffn = FeedForward(embed_dim, ffn_dim, dropout) if ffn_factory is None else ffn_factory()
         self.norm2 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
@@ -86,6 +96,23 @@ class UnifiedDecoderLayer(nn.Module):
         return self.norm2(x + self.dropout(self.ffn(x, attributes)))
 
 
+def _moe_factory(g) -> Optional[Callable[[], nn.Module]]:
+    """ConditionalMoE factory from cfg.MODEL.UNIFIED_DECODER.MOE, or None (dense) when absent/disabled."""
+    moe = g.get("MOE")
+    if moe is None or not moe.get("ENABLED", False):
+        return None
+    return partial(
+        ConditionalMoE,
+        embed_dim=g.EMBED_DIM,
+        ffn_dim=g.FFN_DIM,
+        num_experts=moe.NUM_EXPERTS,
+        top_k=moe.TOP_K,
+        attribute_dim=ATTRIBUTE_DIM,
+        dropout=g.DROPOUT,
+        balance_loss_weight=moe.get("BALANCE_LOSS_WEIGHT", 0.0),
+    )
+
+
 class UnifiedDecoder(nn.Module):
     """The modality-agnostic Transformer g (paper §4.3).
 
@@ -94,11 +121,15 @@ class UnifiedDecoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float):
+    def __init__(self, *, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float,
+                 ffn_factory: Optional[Callable[[], nn.Module]] = None):
         """
         Args:
             embed_dim: d. num_layers: Transformer layers (paper: 6). num_heads: attention heads.
             ffn_dim: FFN hidden width. dropout: dropout of attention, FFN and embeddings.
+            ffn_factory: None for dense FFNs; else called once per layer to build its FFN, e.g.
+                ``partial(ConditionalMoE, ...)`` (paper §5.2: Conditional MoE in every FFN). Such
+                FFNs need ``TokenBatch.attributes``.
         """
         super().__init__()
         self.embed_dim = embed_dim
@@ -107,7 +138,7 @@ class UnifiedDecoder(nn.Module):
         self.input_norm = nn.LayerNorm(embed_dim)
         self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            UnifiedDecoderLayer(embed_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers)
+            UnifiedDecoderLayer(embed_dim, num_heads, ffn_dim, dropout, ffn_factory) for _ in range(num_layers)
         )
 
     @classmethod
@@ -119,7 +150,15 @@ class UnifiedDecoder(nn.Module):
             "num_heads": g.NUM_HEADS,
             "ffn_dim": g.FFN_DIM,
             "dropout": g.DROPOUT,
+            "ffn_factory": _moe_factory(g),
         }
+
+    def pop_balance_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the MoE load-balancing losses recorded since the last call (0-dim float32), or
+        None with dense FFNs / nothing recorded. Call once per training iteration."""
+        losses = [layer.ffn.pop_balance_loss() for layer in self.layers if hasattr(layer.ffn, "pop_balance_loss")]
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).sum() if losses else None
 
     def with_spe(self, batch: TokenBatch) -> TokenBatch:
         """Return a new batch with ``[SPE]`` as token 0 (tokens (B, T+1, d)); prefix_length grows by 1."""

@@ -115,7 +115,8 @@ def test_denoising_groups_noise_and_attention_mask():
         assert bool((ratio[pos] <= 1 + 1e-4).all())
         unclipped = neg[:, None] & (box_convert(dn.boxes[i], "cxcywh", "xyxy") > 0) & (
             box_convert(dn.boxes[i], "cxcywh", "xyxy") < 1)
-        assert bool((ratio[unclipped] >= 1 - 1e-4).all()) and bool((ratio[neg[:, None].expand(-1, 4)] <= 2 + 1e-4).all())
+        assert bool((ratio[unclipped] >= 1 - 1e-4).all())
+        assert bool((ratio[neg[:, None].expand(-1, 4)] <= 2 + 1e-4).all())
     # attention: matching queries see no dn query; dn queries see own group + all matching
     m = dn.attn_mask
     assert m.shape == (t + 6, t + 6)

@@ -319,7 +319,9 @@ class ProposalDecoder(nn.Module):
         return interm, feats.detach(), ref_boxes
 
     # ------------------------------------------------------------------ decoder
-    def forward(self, enc: PixelDecoderOutput, gt_boxes: Optional[Sequence[torch.Tensor]] = None) -> ProposalDecoderOutput:
+    def forward(
+        self, enc: PixelDecoderOutput, gt_boxes: Optional[Sequence[torch.Tensor]] = None
+    ) -> ProposalDecoderOutput:
         """Select queries and decode them.
 
         Args:
