@@ -19,6 +19,7 @@ setup(
         "timm>=0.9",
         "scipy",
         "pycocotools",
+        "pycocoevalcap",
         "fvcore",
         "iopath",
         "Pillow",

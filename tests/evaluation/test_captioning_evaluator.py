@@ -59,7 +59,9 @@ def test_simple_tokenize():
 def test_from_json_and_dataset(tmp_path, caplog):
     data = {
         "images": [{"id": i} for i in (1, 2, 3, 4, 5)],
-        "annotations": [{"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate((i, c) for i in GTS for c in GTS[i])],
+        "annotations": [
+            {"id": k, "image_id": i, "caption": c} for k, (i, c) in enumerate((i, c) for i in GTS for c in GTS[i])
+        ],
     }
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(data))

@@ -39,7 +39,7 @@ def test_matches_direct_count_on_random_data():
 
 def test_nothing_masked_warns(caplog):
     ev = MaskedLMEvaluator()
-    ev.process([{"mlm_labels": torch.full((4,), IGNORE_INDEX)}], [{"mlm_predictions": torch.zeros(4, dtype=torch.long)}])
+    ev.process([{"mlm_labels": torch.full((4,), IGNORE_INDEX)}], [{"mlm_predictions": torch.zeros(4).long()}])
     with caplog.at_level(logging.WARNING, logger="up2.evaluation.mlm"):
         assert ev.evaluate() == {}
     assert "did not receive any masked token" in caplog.text
@@ -52,7 +52,7 @@ def test_nothing_masked_warns(caplog):
          r"'mlm_predictions' \(5,\) and 'mlm_labels' \(4,\)"),
         ([{}], [{"mlm_predictions": torch.zeros(4, dtype=torch.long)}], "mlm_labels"),
         ([{"mlm_labels": torch.zeros(4, dtype=torch.long)}], [{}], "mlm_predictions"),
-        ([{"mlm_labels": torch.zeros(4, dtype=torch.long)}], [{"mlm_predictions": torch.zeros(4)}], "integer token ids"),
+        ([{"mlm_labels": torch.zeros(4).long()}], [{"mlm_predictions": torch.zeros(4)}], "integer token ids"),
     ],
 )
 def test_bad_input(inputs, outputs, match):

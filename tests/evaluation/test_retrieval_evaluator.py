@@ -41,7 +41,8 @@ def _evaluate(img, txt, ids=None, batch=4, order=None, **kw):
     order = list(range(len(txt))) if order is None else order
     for s in range(0, len(order), batch):
         sel = order[s : s + batch]
-        ev.process([{"image_id": ids[i]} for i in sel], [{"image_embedding": img[i], "text_embeddings": txt[i]} for i in sel])
+        outputs = [{"image_embedding": img[i], "text_embeddings": txt[i]} for i in sel]
+        ev.process([{"image_id": ids[i]} for i in sel], outputs)
     return ev.evaluate()
 
 
@@ -77,7 +78,8 @@ def test_bf16_and_repeated_ids(caplog):
     img, txt = _random_set(n=10, seed=3)
     ref = _evaluate(img.bfloat16().float(), [t.bfloat16().float() for t in txt])
     ev = RetrievalEvaluator()
-    ev.process([{"image_id": i} for i in range(10)], [{"image_embedding": img[i].bfloat16(), "text_embeddings": txt[i].bfloat16()} for i in range(10)])
+    outputs = [{"image_embedding": img[i].bfloat16(), "text_embeddings": txt[i].bfloat16()} for i in range(10)]
+    ev.process([{"image_id": i} for i in range(10)], outputs)
     ev.process([{"image_id": 0}], [{"image_embedding": img[0], "text_embeddings": txt[0]}])
     with caplog.at_level(logging.WARNING, logger="up2.evaluation.retrieval"):
         assert ev.evaluate() == ref
@@ -112,6 +114,8 @@ def test_bad_input_functional():
         retrieval_recalls(torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         retrieval_recalls(torch.zeros(3, 4), torch.zeros(3, 4), torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="text_emb contains NaN"):
+        retrieval_recalls(torch.ones(2, 4), torch.tensor([[float("nan")] * 4, [1.0] * 4]), torch.arange(2))
     ev = RetrievalEvaluator()
     ev.process([{"image_id": 0}, {"image_id": 1}], [
         {"image_embedding": torch.zeros(4), "text_embeddings": torch.zeros(1, 4)},

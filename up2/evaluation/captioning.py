@@ -59,7 +59,9 @@ def load_coco_captions(json_file: str) -> Dict[Hashable, List[str]]:
     gts: Dict[Hashable, List[str]] = {img["id"]: [] for img in data.get("images", []) if "id" in img}
     for k, ann in enumerate(data["annotations"]):
         if "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"{json_file}: annotation {k} needs 'image_id' and a str 'caption', got keys {sorted(ann)}")
+            raise ValueError(
+                f"{json_file}: annotation {k} needs 'image_id' and a str 'caption', got keys {sorted(ann)}"
+            )
         gts.setdefault(ann["image_id"], []).append(ann["caption"])
     return gts
 
@@ -146,7 +148,9 @@ class CaptioningEvaluator(DatasetEvaluator):
                     raise ValueError(f"ground_truth[{k!r}] must be a list of str captions, got {caps!r:.80}")
                 self._gts[k] = list(caps)
         else:
-            raise ValueError(f"ground_truth must be a json path or a mapping image_id -> captions, got {type(ground_truth)}")
+            raise ValueError(
+                f"ground_truth must be a json path or a mapping image_id -> captions, got {type(ground_truth)}"
+            )
         self._output_dir = output_dir
         self._distributed = distributed
         self._task_key = task_key
@@ -185,7 +189,9 @@ class CaptioningEvaluator(DatasetEvaluator):
             if "image_id" not in inp:
                 raise ValueError(f"input {i} has no 'image_id'; keys: {sorted(inp)}")
             if not isinstance(out.get("caption"), str):
-                raise ValueError(f"output {i} (image_id {inp['image_id']!r}) needs a str 'caption', got {out.get('caption')!r:.80}")
+                raise ValueError(
+                    f"output {i} (image_id {inp['image_id']!r}) needs a str 'caption', got {out.get('caption')!r:.80}"
+                )
             self._predictions.append({"image_id": inp["image_id"], "caption": out["caption"]})
 
     def _write(self, predictions: List[dict]):
@@ -216,13 +222,16 @@ class CaptioningEvaluator(DatasetEvaluator):
         for p in predictions:
             res.setdefault(p["image_id"], p["caption"])
         if len(res) < len(predictions):
-            logger.warning(f"[CaptioningEvaluator] {len(predictions) - len(res)} repeated image_id(s): kept the first caption")
+            n_rep = len(predictions) - len(res)
+            logger.warning(f"[CaptioningEvaluator] {n_rep} repeated image_id(s): kept the first caption")
         predictions = [{"image_id": i, "caption": res[i]} for i in sorted(res)]
         if self._output_dir:
             self._write(predictions)
         unscored = sum(1 for i, caps in self._gts.items() if caps and i not in res)
         if unscored:
-            logger.warning(f"[CaptioningEvaluator] {unscored} ground-truth image(s) have no prediction; scoring {len(res)} images")
+            logger.warning(
+                f"[CaptioningEvaluator] {unscored} ground-truth image(s) have no prediction; scoring {len(res)} images"
+            )
         scores = caption_scores(self._gts, res)
         logger.info(f"Captioning scores (x100) over {len(res)} images:\n" + create_small_table(scores))
         return {self._task_key: scores}

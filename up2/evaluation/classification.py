@@ -95,7 +95,9 @@ class ClassificationEvaluator(DatasetEvaluator):
         labels = torch.tensor(labels, dtype=torch.int64)
         bad = (labels < 0) | (labels >= self._num_classes)
         if bad.any():
-            raise ValueError(f"'class_id' {labels[bad][0].item()} is outside [0, {self._num_classes}) (C = len(pred_class_scores))")
+            raise ValueError(
+                f"'class_id' {labels[bad][0].item()} is outside [0, {self._num_classes}) (C = len(pred_class_scores))"
+            )
         if torch.isnan(scores).any():
             raise ValueError("'pred_class_scores' contains NaN")
         true = scores.gather(1, labels[:, None])  # (B, 1)

@@ -55,8 +55,8 @@ def retrieval_recalls(
         ``{"i2t_R@k": float, ..., "t2i_R@k": float, ...}`` in percent.
 
     Raises:
-        ValueError: mismatched shapes / widths, no image, an image without caption, or an index
-            out of range.
+        ValueError: mismatched shapes / widths, no image, an image without caption, an index
+            out of range, or a NaN / inf embedding.
     """
     if image_emb.dim() != 2 or text_emb.dim() != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
@@ -73,6 +73,9 @@ def retrieval_recalls(
         raise ValueError("image_emb has no row: nothing to retrieve")
     if torch.bincount(text_to_image, minlength=n).min() == 0:
         raise ValueError("every image needs at least one caption in text_to_image")
+    for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or inf")
     img = F.normalize(image_emb.float(), dim=1)
     txt = F.normalize(text_emb.float(), dim=1)
     owner = text_to_image.to(img.device)
@@ -159,11 +162,14 @@ class RetrievalEvaluator(DatasetEvaluator):
         for i, (inp, out) in enumerate(zip(inputs, outputs)):
             for key, where in (("image_id", inp), ("image_embedding", out), ("text_embeddings", out)):
                 if key not in where:
-                    raise ValueError(f"{'input' if where is inp else 'output'} {i} has no {key!r}; keys: {sorted(where)}")
+                    side = "input" if where is inp else "output"
+                    raise ValueError(f"{side} {i} has no {key!r}; keys: {sorted(where)}")
             img = torch.as_tensor(out["image_embedding"]).detach()
             txt = torch.as_tensor(out["text_embeddings"]).detach()
             if img.dim() != 1 or img.numel() == 0:
-                raise ValueError(f"'image_embedding' of image {inp['image_id']!r} must have shape (d,), got {tuple(img.shape)}")
+                raise ValueError(
+                    f"'image_embedding' of image {inp['image_id']!r} must have shape (d,), got {tuple(img.shape)}"
+                )
             if txt.dim() != 2 or txt.shape[0] == 0 or txt.shape[1] != img.shape[0]:
                 raise ValueError(
                     f"'text_embeddings' of image {inp['image_id']!r} must have shape (n_i >= 1, d={img.shape[0]}) "
