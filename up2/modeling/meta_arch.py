@@ -6,7 +6,8 @@ tokens, C classes, d unified-decoder width.
 from __future__ import annotations
 
 import itertools
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -14,15 +15,36 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from up2.modeling.image_encoder import ImageEncoder, gather_proposals
+from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
 from up2.modeling.target_set import TargetCache, encode_texts
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, task_specs_from_config
 from up2.modeling.text_encoder import TextEncoder
+from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.unified_decoder import UnifiedDecoder
+from up2.structures import ProposalOutput
 
-__all__ = ["UniPerceiverV2"]
+__all__ = ["UniPerceiverV2", "ImageEncoding"]
+
+
+@dataclass
+class ImageEncoding:
+    """What :meth:`UniPerceiverV2.encode_image` gives a task.
+
+    Attributes:
+        images: the normalised, padded batch (N, 3, Hp, Wp).
+        proposals: the proposal network's output (``matches`` set when trained with targets).
+        proposal_losses: proposal losses ({} without targets).
+        tokens: the image token sequence (N, M' + h*w + R, d) with routing attributes.
+        targets: the ProposalTargets used (None without ``targets_fn``).
+    """
+
+    images: ImageList
+    proposals: ProposalOutput
+    proposal_losses: Dict[str, torch.Tensor]
+    tokens: ImageTokens
+    targets: Optional[list] = None
 
 
 @META_ARCH_REGISTRY.register()
@@ -33,6 +55,10 @@ class UniPerceiverV2(nn.Module):
     in eval a list with one result dict per image. The task is a value: pass ``task=`` (a
     name of ``cfg.TASKS``); without it the first configured task runs, so detectron2's
     ``DefaultPredictor`` and evaluators work unchanged.
+
+    Tasks (``up2.modeling.tasks``) are called as ``task(model, batched_inputs, **kwargs)`` and use
+    only this small interface: ``encode_image``, ``embed_targets``, ``text_encoder``,
+    ``unified_decoder`` and ``likelihood``.
     """
 
     @configurable
@@ -116,26 +142,62 @@ class UniPerceiverV2(nn.Module):
         """Parameters that target embeddings depend on (for the cache stamp)."""
         return itertools.chain(self.text_encoder.parameters(), self.unified_decoder.parameters())
 
-    def embed_targets(self, texts: Sequence[str]) -> torch.Tensor:
-        """(C, d) target embeddings of ``texts``; cached at evaluation (DESIGN §7)."""
+    def embed_targets(self, texts: Sequence[str], family: TaskFamily) -> torch.Tensor:
+        """(C, d) target embeddings g(f_text(y)) at [SPE]; cached at evaluation (DESIGN §7).
+
+        Raises:
+            ValueError: an empty list of texts.
+        """
         if self.training:
-            return encode_texts(self.text_encoder, self.unified_decoder, texts)
+            return encode_texts(self.text_encoder, self.unified_decoder, texts, family)
         return self.target_cache.get(
-            texts, self.text_parameters(), lambda: encode_texts(self.text_encoder, self.unified_decoder, texts)
+            (family.value, *texts),
+            self.text_parameters(),
+            lambda: encode_texts(self.text_encoder, self.unified_decoder, texts, family),
         )
 
+    def encode_image(
+        self,
+        batched_inputs: Sequence[dict],
+        family: TaskFamily,
+        targets_fn: Optional[Callable[[ImageList], list]] = None,
+    ) -> ImageEncoding:
+        """f_image (paper §4.1): backbone, proposals and the image token sequence.
+
+        Args:
+            batched_inputs: mapper dicts with "image" (3, H, W) uint8.
+            family: task family for the tokens' MoE routing attributes.
+            targets_fn: in training, builds the proposal network's ProposalTargets from the
+                padded ImageList (localization tasks); None = no proposal losses.
+
+        Returns:
+            ImageEncoding (see its docstring).
+        """
+        images, pad = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        targets = targets_fn(images) if (self.training and targets_fn is not None) else None
+        proposals, losses = self.proposal_network(features, targets, padding_mask=pad)
+        tokens = self.image_encoder(features[self.global_feature], images.image_sizes, proposals)
+        batch = tokens.batch
+        batch.attributes = constant_attributes(
+            *batch.padding_mask.shape, modality=Modality.IMAGE, role=Role.INPUT,
+            attention=TokenAttention.BIDIRECTIONAL, task=family, device=batch.tokens.device, dtype=batch.tokens.dtype,
+        )
+        return ImageEncoding(images=images, proposals=proposals, proposal_losses=losses, tokens=tokens, targets=targets)
+
     # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[dict], task: Optional[str] = None, class_names: Optional[Sequence[str]] = None):
+    def forward(self, batched_inputs: List[dict], task: Optional[str] = None, **task_kwargs):
         """Run one task on a batch.
 
         Args:
-            batched_inputs: detectron2 mapper dicts ("image" (3, H, W) uint8 in cfg.INPUT.FORMAT,
-                "height"/"width", and "instances" when training a localization task).
+            batched_inputs: detectron2 mapper dicts of that task (see each task's docstring).
             task: a name of cfg.TASKS; default: the first one.
-            class_names: override the task's class names at inference (open vocabulary).
+            task_kwargs: passed to the task at inference, e.g. ``class_names=[...]`` (open
+                vocabulary) for detection.
 
         Returns:
-            training: dict of scalar losses. eval: list of {"instances": Instances}.
+            training: dict of scalar losses (plus "loss_moe_balance" when MoE balancing is on).
+            eval: list with one result dict per input (detectron2 format).
 
         Raises:
             KeyError: an unknown task name.
@@ -143,36 +205,8 @@ class UniPerceiverV2(nn.Module):
         name = task or self.default_task
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
-        handler = self.tasks[name]
-        names = tuple(class_names) if class_names is not None else handler.spec.class_names
-        if class_names is not None and len(names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
-        return self._localization(handler, batched_inputs, names)
-
-    def _localization(self, handler, batched_inputs, class_names):
-        from up2.modeling.tasks.detection import instances_to_targets
-
-        images, pad = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        targets = instances_to_targets(batched_inputs, images, handler.with_masks) if self.training else None
-        proposals, losses = self.proposal_network(features, targets, padding_mask=pad)
-        tokens = self.image_encoder(features[self.global_feature], images.image_sizes, proposals)
-        out = self.unified_decoder(tokens.batch)  # (N, 1 + T, d)
-        start = 1 + tokens.regional_start
-        region = out[:, start : start + tokens.regional_index.shape[1]]
-        class_emb = self.embed_targets(class_names)
-        if self.training:
-            losses.update(
-                handler.losses(region, tokens.regional_index, class_emb, self.likelihood, proposals.matches, targets)
-            )
-            return losses
-        logits = self.likelihood(region, class_emb)
-        idx = tokens.regional_index
-        return handler.postprocess(
-            logits,
-            gather_proposals(proposals.objectness, idx),
-            gather_proposals(proposals.boxes, idx),
-            gather_proposals(proposals.masks, idx),
-            images,
-            batched_inputs,
-        )
+        out = self.tasks[name](self, batched_inputs, **task_kwargs)
+        balance = self.unified_decoder.pop_balance_loss()
+        if self.training and balance is not None:
+            out["loss_moe_balance"] = balance
+        return out

@@ -11,14 +11,16 @@ the proposals' own.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
+from up2.modeling.image_encoder import gather_proposals
 from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.modeling.token_attributes import TaskFamily
 from up2.structures import ProposalTargets
 
 __all__ = ["DetectionTask", "InstanceSegmentationTask", "instances_to_targets"]
@@ -65,9 +67,52 @@ class DetectionTask:
 
     with_masks = False
 
+    family = TaskFamily.LOCALIZATION
+
     def __init__(self, spec: TaskSpec, test_topk: int = 100):
         self.spec = spec
         self.test_topk = test_topk
+
+    def __call__(self, model, batched_inputs: Sequence[dict], class_names: Optional[Sequence[str]] = None):
+        """Run the task on a batch.
+
+        Args:
+            model: the UniPerceiverV2 (its task interface).
+            batched_inputs: detection mapper dicts ("image", "height", "width"; "instances" in training).
+            class_names: inference only: replaces the training class names (open vocabulary).
+
+        Returns:
+            training: proposal losses + {"loss_class"}; eval: [{"instances": Instances}].
+
+        Raises:
+            ValueError: an empty ``class_names``.
+        """
+        names = self.spec.class_names if class_names is None else tuple(class_names)
+        if len(names) == 0:
+            raise ValueError("class_names is empty: give at least one class name")
+        enc = model.encode_image(
+            batched_inputs, self.family, lambda images: instances_to_targets(batched_inputs, images, self.with_masks)
+        )
+        tokens = enc.tokens
+        out = model.unified_decoder(tokens.batch)  # (N, 1 + T, d)
+        start = 1 + tokens.regional_start
+        region = out[:, start : start + tokens.regional_index.shape[1]]
+        class_emb = model.embed_targets(names, self.family)
+        if model.training:
+            losses = dict(enc.proposal_losses)
+            losses.update(
+                self.losses(region, tokens.regional_index, class_emb, model.likelihood, enc.proposals.matches, enc.targets)
+            )
+            return losses
+        idx = tokens.regional_index
+        return self.postprocess(
+            model.likelihood(region, class_emb),
+            gather_proposals(enc.proposals.objectness, idx),
+            gather_proposals(enc.proposals.boxes, idx),
+            gather_proposals(enc.proposals.masks, idx),
+            enc.images,
+            batched_inputs,
+        )
 
     def losses(
         self,
