@@ -33,7 +33,8 @@ def test_training_writes_a_checkpoint_and_logs_losses(trained):
     assert (out / "model_final.pth").is_file()
     assert trainer.iter == 3  # detectron2 leaves iter at MAX_ITER after the loop
     latest = trainer.storage.latest()
-    assert "loss_class" in latest and np.isfinite(latest["total_loss"][0])
+    assert "TASK/loss_class" in latest and np.isfinite(latest["total_loss"][0])
+    assert latest["task_count/TASK"][0] == 3 and "grad_norm" in latest and "tau" in latest
 
 
 def test_coco_evaluator_runs_on_val(trained):

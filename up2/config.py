@@ -76,8 +76,10 @@ def add_up2_config(cfg: CN) -> None:
     G.MOE.BALANCE_LOSS_WEIGHT = 0.0  # Switch load-balancing loss weight; 0 disables (few attribute groups per batch)
 
     # ---- Tasks (DESIGN §5). One sub-node per task, e.g. TASKS.DETECTION ----------------
-    # keys of a task: TYPE ("detection" | "instance_segmentation"), DATASETS_TRAIN, DATASETS_TEST,
-    # IMS_PER_BATCH, SAMPLING_RATIO (s_k), LOSS_WEIGHT (w_k), GRAD_WEIGHT (omega_k).
+    # keys of a task: TYPE ("detection" | "instance_segmentation" | "classification" | "retrieval" |
+    # "captioning" | "masked_lm"), DATASETS: {TRAIN, TEST}, IMS_PER_BATCH, SAMPLING_RATIO (s_k),
+    # LOSS_WEIGHT (w_k), GRAD_WEIGHT (omega_k); captioning / masked_lm: VOCABULARY ("full" | "dataset"),
+    # captioning: BEAM_SIZE, MAX_CAPTION_LENGTH; retrieval: GATHER_FEATURES.
     cfg.TASKS = CN(new_allowed=True)
 
     # ---- Large-scale jitter (MaskDINO), off by default ---------------------------------
@@ -91,6 +93,12 @@ def add_up2_config(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.TEXT_ENCODER_MULTIPLIER = 0.1  # ours: pretrained RoBERTa tuned gently
+    cfg.SOLVER.TBGN_NORMALIZE = True  # TBGN's gradient normalisation (paper §4.4); False for the ablation
+    cfg.SOLVER.AMP.DTYPE = "bfloat16"  # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16" | "float16")
+
+    # ---- Multi-task sampling (paper §4.4) ----------------------------------------------
+    cfg.DATALOADER.TASK_SAMPLING = "unmixed"  # one task per iteration on all ranks (paper); "mixed" = ablation
+    cfg.DATALOADER.TASK_SAMPLER_SEED = 0  # the draw of iteration t depends only on (seed, t): same on every rank
 
     # ---- Progress display ----------------------------------------------------------------
     cfg.UP2_PROGRESS_BAR = False  # tqdm bar during training (used by the demo)

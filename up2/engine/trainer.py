@@ -1,20 +1,55 @@
-"""UP2Trainer: detectron2's DefaultTrainer with up2's data, evaluation and optimizer builders."""
+"""UP2Trainer: detectron2's DefaultTrainer for the multi-task mix (paper §4.4; DESIGN §6).
+
+Each task of ``cfg.TASKS`` gets its own infinite detectron2 loader (its own mapper and batch
+size); a task sampler picks the task of every iteration; TBGN (or AdamW) steps; evaluation runs
+every task on its test datasets with its own evaluator and prints one table per task.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import weakref
 from collections import OrderedDict
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
 
-from up2.data.mappers import DetectionDatasetMapper
+from up2.data.mappers import (
+    ClassificationDatasetMapper,
+    DetectionDatasetMapper,
+    ImageTextDatasetMapper,
+    TextDatasetMapper,
+)
+from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
 from up2.engine.hooks import ProgressBar
-from up2.modeling.tasks.base import task_specs_from_config
+from up2.engine.multitask_step import MultiTaskStep
+from up2.evaluation import CaptioningEvaluator, ClassificationEvaluator, MaskedLMEvaluator, RetrievalEvaluator
+from up2.modeling.tasks.base import TaskSpec, task_specs_from_config
+from up2.solver.tbgn import TBGN
 
-__all__ = ["UP2Trainer", "build_optimizer"]
+__all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
+
+_LOCALIZATION = ("detection", "instance_segmentation")
+
+
+def build_mapper(cfg, spec: TaskSpec, is_train: bool):
+    """The dataset mapper of a task type (DESIGN §2: one mapper per input kind)."""
+    if spec.type in _LOCALIZATION:
+        return DetectionDatasetMapper(cfg, is_train=is_train, use_instance_mask=spec.type == "instance_segmentation")
+    if spec.type == "classification":
+        return ClassificationDatasetMapper(cfg, is_train=is_train)
+    if spec.type in ("retrieval", "captioning"):
+        return ImageTextDatasetMapper(cfg, is_train=is_train)
+    if spec.type == "masked_lm":
+        return TextDatasetMapper(cfg, is_train=is_train)
+    raise ValueError(f"no mapper for task type {spec.type!r} (task {spec.name})")
 
 
 def _lr_factor(cfg):
@@ -50,12 +85,14 @@ def _clipped(cfg, optim_cls):
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW (MaskDINO recipe, DESIGN §11): backbone and text encoder at reduced lr, no weight
-    decay on norms, and gradient clipping from ``cfg.SOLVER.CLIP_GRADIENTS`` (CLIP_TYPE
-    "full_model" clips the norm over all parameters together; "value"/"norm" as detectron2).
+    """AdamW or TBGN (paper §4.4) with the MaskDINO recipe (DESIGN §11): backbone and text
+    encoder at reduced lr, no weight decay on norms, and gradient clipping from
+    ``cfg.SOLVER.CLIP_GRADIENTS`` (CLIP_TYPE "full_model" clips the norm over all parameters
+    together; "value"/"norm" as detectron2). TBGN normalises the gradient itself, so clipping is
+    not applied to it.
 
     Raises:
-        ValueError: ``cfg.SOLVER.OPTIMIZER`` other than "ADAMW" / "SGD".
+        ValueError: ``cfg.SOLVER.OPTIMIZER`` other than "ADAMW", "TBGN" or "SGD".
     """
     params = get_default_optimizer_params(
         model,
@@ -66,17 +103,51 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         lr_factor_func=_lr_factor(cfg),
     )
     kind = cfg.SOLVER.OPTIMIZER.upper()
+    if kind == "TBGN":
+        return TBGN(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                    normalize=cfg.SOLVER.TBGN_NORMALIZE)
     if kind == "ADAMW":
-        opt = _clipped(cfg, torch.optim.AdamW)
-        return opt(params, lr=cfg.SOLVER.BASE_LR)
+        return _clipped(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR)
     if kind == "SGD":
         opt = _clipped(cfg, torch.optim.SGD)
         return opt(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
-    raise ValueError(f"cfg.SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
+    raise ValueError(f"cfg.SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW', 'TBGN' or 'SGD'")
+
+
+class TaskView(nn.Module):
+    """``model`` seen as a single-task detectron2 model: ``forward(inputs) = model(inputs, task=name)``."""
+
+    def __init__(self, model: nn.Module, task: str):
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batched_inputs):
+        return self.model(batched_inputs, task=self.task)
 
 
 class UP2Trainer(DefaultTrainer):
-    """Trains the first task of ``cfg.TASKS`` (joint multi-task sampling comes with the task sampler)."""
+    """Trains every task of ``cfg.TASKS`` jointly (unmixed sampling by default)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        self.specs = task_specs_from_config(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        loader = self.build_train_loader(cfg)
+        # tasks use different parameters; every rank runs the same task, so DDP can skip the unused ones
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True)
+        amp = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
+        self._trainer = MultiTaskStep(model, loader, optimizer, self.specs, amp_dtype=amp)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -84,33 +155,71 @@ class UP2Trainer(DefaultTrainer):
             hooks.insert(0, ProgressBar(self.cfg.SOLVER.MAX_ITER))
         return hooks
 
-    @classmethod
-    def _first_task(cls, cfg):
-        return next(iter(task_specs_from_config(cfg).values()))
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["task_sampler"] = self._trainer.loader.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "task_sampler" in state_dict:
+            self._trainer.loader.load_state_dict(state_dict["task_sampler"])
 
     @classmethod
-    def build_train_loader(cls, cfg):
-        spec = cls._first_task(cfg)
-        dataset = get_detection_dataset_dicts(
-            list(spec.datasets_train), filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
-        return build_detection_train_loader(
-            dataset=dataset,
-            mapper=DetectionDatasetMapper(cfg, is_train=True),
-            total_batch_size=spec.ims_per_batch,
+    def build_train_loader(cls, cfg) -> MultiTaskLoader:
+        """One infinite detectron2 loader per task, and the task sampler (DATALOADER.TASK_SAMPLING)."""
+        specs = task_specs_from_config(cfg)
+        loaders = {}
+        for name, spec in specs.items():
+            localization = spec.type in _LOCALIZATION
+            dataset = get_detection_dataset_dicts(
+                list(spec.datasets_train), filter_empty=localization and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            )
+            loaders[name] = build_detection_train_loader(
+                dataset=dataset,
+                mapper=build_mapper(cfg, spec, is_train=True),
+                total_batch_size=spec.ims_per_batch,
+                aspect_ratio_grouping=localization,
+                num_workers=cfg.DATALOADER.NUM_WORKERS,
+            )
+        names = list(specs)
+        ratios = [specs[n].sampling_ratio for n in names]
+        mode = cfg.DATALOADER.TASK_SAMPLING
+        if mode == "unmixed":
+            sampler = UnmixedTaskSampler(names, ratios, seed=cfg.DATALOADER.TASK_SAMPLER_SEED)
+        elif mode == "mixed":
+            sampler = MixedTaskSampler(names, ratios)
+        else:
+            raise ValueError(f"cfg.DATALOADER.TASK_SAMPLING must be 'unmixed' or 'mixed', got {mode!r}")
+        return MultiTaskLoader(loaders, sampler)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name, spec: TaskSpec = None):
+        spec = spec or next(iter(task_specs_from_config(cfg).values()))
+        batch = 1 if spec.type in _LOCALIZATION else 8
+        return build_detection_test_loader(
+            dataset=get_detection_dataset_dicts([dataset_name], filter_empty=False),
+            mapper=build_mapper(cfg, spec, is_train=False),
+            batch_size=batch,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
-    def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DetectionDatasetMapper(cfg, is_train=False))
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        spec = cls._first_task(cfg)
-        kinds = ("bbox", "segm") if spec.type == "instance_segmentation" else ("bbox",)
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=kinds, distributed=True, output_dir=output_folder)
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, spec: TaskSpec = None):
+        spec = spec or next(iter(task_specs_from_config(cfg).values()))
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", spec.name, dataset_name)
+        if spec.type in _LOCALIZATION:
+            kinds = ("bbox", "segm") if spec.type == "instance_segmentation" else ("bbox",)
+            return COCOEvaluator(dataset_name, tasks=kinds, distributed=True, output_dir=output_folder)
+        if spec.type == "classification":
+            return ClassificationEvaluator()
+        if spec.type == "retrieval":
+            return RetrievalEvaluator()
+        if spec.type == "captioning":
+            return CaptioningEvaluator.from_dataset(dataset_name, output_dir=output_folder)
+        if spec.type == "masked_lm":
+            return MaskedLMEvaluator()
+        raise ValueError(f"no evaluator for task type {spec.type!r} (task {spec.name})")
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -118,13 +227,24 @@ class UP2Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Evaluate on the task's test datasets (``cfg.DATASETS.TEST`` when set, else the task's)."""
-        if not cfg.DATASETS.TEST:
-            spec = cls._first_task(cfg)
-            cfg = cfg.clone()
-            cfg.defrost()
-            cfg.DATASETS.TEST = list(spec.datasets_test)
-            cfg.freeze()
-        if not cfg.DATASETS.TEST:
-            return OrderedDict()
-        return super().test(cfg, model, evaluators)
+        """Evaluate every task on its test datasets. Returns {task: {dataset: results}} when
+        there are several tasks, else detectron2's {dataset: results} (or the results dict
+        itself for a single dataset)."""
+        specs = task_specs_from_config(cfg)
+        logger = logging.getLogger("up2")
+        everything = OrderedDict()
+        for name, spec in specs.items():
+            per_task = OrderedDict()
+            for dataset in spec.datasets_test:
+                loader = cls.build_test_loader(cfg, dataset, spec)
+                evaluator = cls.build_evaluator(cfg, dataset, spec=spec)
+                results = inference_on_dataset(TaskView(model, name), loader, evaluator)
+                per_task[dataset] = results
+                if comm.is_main_process() and results:
+                    logger.info(f"Evaluation results of task {name} on {dataset}:")
+                    print_csv_format(results)
+            everything[name] = per_task
+        if len(everything) == 1:
+            only = next(iter(everything.values()))
+            return next(iter(only.values())) if len(only) == 1 else only
+        return everything

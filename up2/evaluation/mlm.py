@@ -51,8 +51,9 @@ class MaskedLMEvaluator(DatasetEvaluator):
         """Count the masked positions and the correct predictions among them.
 
         Args:
-            inputs: B dicts with ``"mlm_labels"`` ((T,) int64, -100 = not masked).
-            outputs: B dicts with ``"mlm_predictions"`` ((T,) int64).
+            inputs: B dicts with ``"mlm_labels"`` ((T,) int64, -100 = not masked), unless the
+                output carries them (the model masks the text itself: ``MaskedLMTask``).
+            outputs: B dicts with ``"mlm_predictions"`` ((T,) int64) and optionally ``"mlm_labels"``.
 
         Raises:
             ValueError: a missing field, a non-integer tensor, or shapes that differ (names both
@@ -61,11 +62,12 @@ class MaskedLMEvaluator(DatasetEvaluator):
         if len(inputs) != len(outputs):
             raise ValueError(f"got {len(inputs)} inputs but {len(outputs)} outputs")
         for i, (inp, out) in enumerate(zip(inputs, outputs)):
-            if "mlm_labels" not in inp:
+            source = out if "mlm_labels" in out else inp
+            if "mlm_labels" not in source:
                 raise ValueError(f"input {i} has no 'mlm_labels' ((T,) int64, -100 = not masked); keys: {sorted(inp)}")
             if "mlm_predictions" not in out:
                 raise ValueError(f"output {i} has no 'mlm_predictions' ((T,) int64); keys: {sorted(out)}")
-            labels = torch.as_tensor(inp["mlm_labels"]).detach()
+            labels = torch.as_tensor(source["mlm_labels"]).detach()
             preds = torch.as_tensor(out["mlm_predictions"]).detach()
             for name, t in (("mlm_labels", labels), ("mlm_predictions", preds)):
                 if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:

@@ -287,6 +287,19 @@ class TextEncoder(nn.Module):
         hidden = self.model(input_ids=input_ids.long(), attention_mask=attention_mask).last_hidden_state
         return self.proj(hidden), attention_mask == 0
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Context-free token features: the language model's embedding layer (word + position
+        embeddings, LayerNorm), projected to d. Used where the full bidirectional encoder would
+        leak later tokens into earlier ones (causal captioning inputs) and for vocabulary targets.
+
+        Args:
+            input_ids: (B, T) int64 ids.
+
+        Returns:
+            (B, T, d) float.
+        """
+        return self.proj(self.model.embeddings(input_ids=input_ids.long()))
+
     def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``tokenize`` then ``forward`` on the device of this module.
 

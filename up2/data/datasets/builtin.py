@@ -1,6 +1,8 @@
 """Datasets registered when ``up2`` is imported, found under ``$UP2_DATASETS`` (default ``./datasets``).
 
 - ``shapes_train`` / ``shapes_val``: ``<root>/shapes`` written by ``datasets/prepare_shapes.py``.
+- ``shapes_{cls,caption,text}_{train,val}``: the same data for classification, captioning /
+  retrieval and masked LM (``shapes_tasks.register_shapes_tasks``).
 - ``coco_2017_train`` / ``coco_2017_val`` are detectron2's own built-ins (``$DETECTRON2_DATASETS``).
 
 A dataset whose files are absent is simply not registered; configs that name it then fail
@@ -9,6 +11,7 @@ with "dataset ... is not registered" (see ``up2.modeling.tasks.base``).
 import os
 
 from .shapes import register_shapes
+from .shapes_tasks import register_shapes_tasks
 
 __all__ = ["register_all_builtin", "datasets_root"]
 
@@ -23,3 +26,5 @@ def register_all_builtin(root: str | None = None) -> None:
     shapes = os.path.join(root, "shapes")
     if os.path.isfile(os.path.join(shapes, "annotations", "instances_train.json")):
         register_shapes(shapes)
+    if os.path.isfile(os.path.join(shapes, "annotations", "labels_train.json")):
+        register_shapes_tasks(shapes)

@@ -1,5 +1,5 @@
 """Task adapters; each file registers its tasks in TASK_REGISTRY."""
-from up2.modeling.tasks import detection  # noqa: F401
+from up2.modeling.tasks import captioning, classification, detection, masked_lm, retrieval  # noqa: F401
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, task_specs_from_config
 
 __all__ = ["TASK_REGISTRY", "TaskSpec", "task_specs_from_config"]

@@ -39,6 +39,10 @@ class TaskSpec:
         sampling_ratio: s_k (un-normalised here). loss_weight: w_k. grad_weight: omega_k.
         class_names: the target set of a classification-like task (thing_classes of the first
             training dataset); empty for tasks without one.
+        vocabulary: target vocabulary of captioning / masked LM: "full" (every token of the
+            tokenizer) or "dataset" (only tokens that occur in the training texts; small runs).
+        beam_size / max_caption_length: captioning decoding (beam 1 = greedy; tokens, no specials).
+        gather_features: retrieval negatives from all ranks (paper's Gather Feature).
     """
 
     name: str
@@ -50,6 +54,13 @@ class TaskSpec:
     loss_weight: float = 1.0
     grad_weight: float = 1.0
     class_names: Tuple[str, ...] = ()
+    vocabulary: str = "full"
+    beam_size: int = 1
+    max_caption_length: int = 20
+    gather_features: bool = True
+
+
+_NEEDS_CLASSES = ("detection", "instance_segmentation", "classification")
 
 
 def _class_names(dataset: str) -> Tuple[str, ...]:
@@ -92,6 +103,9 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
         for k, v in values.items():
             if not v > 0:
                 raise ValueError(f"{where}.{k} must be > 0, got {v}")
+        vocabulary = str(node.get("VOCABULARY", "full"))
+        if vocabulary not in ("full", "dataset"):
+            raise ValueError(f"{where}.VOCABULARY must be 'full' or 'dataset', got {vocabulary!r}")
         ims = int(node.get("IMS_PER_BATCH", cfg.SOLVER.IMS_PER_BATCH))
         if ims < 1:
             raise ValueError(f"{where}.IMS_PER_BATCH must be >= 1, got {ims}")
@@ -104,6 +118,12 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
             sampling_ratio=values["SAMPLING_RATIO"],
             loss_weight=values["LOSS_WEIGHT"],
             grad_weight=values["GRAD_WEIGHT"],
-            class_names=_class_names(train[0]),
+            class_names=_class_names(train[0]) if ttype in _NEEDS_CLASSES else (),
+            vocabulary=vocabulary,
+            beam_size=int(node.get("BEAM_SIZE", 1)),
+            max_caption_length=int(node.get("MAX_CAPTION_LENGTH", 20)),
+            gather_features=bool(node.get("GATHER_FEATURES", True)),
         )
+        if specs[name].beam_size < 1 or specs[name].max_caption_length < 1:
+            raise ValueError(f"{where}: BEAM_SIZE and MAX_CAPTION_LENGTH must be >= 1")
     return specs

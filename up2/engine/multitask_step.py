@@ -1,0 +1,119 @@
+"""One training iteration of the multi-task mix (paper §4.4; DESIGN §3, §6).
+
+Unmixed sampling (paper default): the sampler draws ONE task k for the iteration (the same on
+every rank), its loader gives the batch, the loss is that task's loss, and TBGN steps with
+(s_k, omega_k). Mixed sampling (ablation): every task every iteration, losses summed with s_k.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Mapping
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+from up2.data.multitask import MixedTaskSampler, MultiTaskLoader
+from up2.modeling.tasks.base import TaskSpec
+from up2.solver.tbgn import TBGN
+
+__all__ = ["MultiTaskStep"]
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MultiTaskStep(SimpleTrainer):
+    """detectron2's SimpleTrainer with a task-aware ``run_step``.
+
+    Args:
+        model: UniPerceiverV2 (possibly DDP-wrapped); called as ``model(batch, task=name)``.
+        loader: MultiTaskLoader (its sampler decides unmixed vs mixed).
+        optimizer: TBGN or any torch optimizer.
+        specs: task name -> TaskSpec (s_k, omega_k).
+        amp_dtype: None, "bfloat16" or "float16" (autocast; fp16 also uses a GradScaler).
+
+    Raises (in run_step):
+        FloatingPointError: a non-finite loss, naming the task, the loss and the iteration.
+    """
+
+    def __init__(self, model, loader: MultiTaskLoader, optimizer, specs: Mapping[str, TaskSpec], amp_dtype=None):
+        super().__init__(model, loader, optimizer)
+        self.loader = loader
+        self.specs = dict(specs)
+        self.sampling = loader.sampler.probabilities  # normalised s_k
+        if amp_dtype is not None and amp_dtype not in _AMP_DTYPES:
+            raise ValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}")
+        self.amp_dtype = _AMP_DTYPES.get(amp_dtype) if amp_dtype else None
+        self.grad_scaler = torch.amp.GradScaler() if self.amp_dtype == torch.float16 else None
+        self.task_counts: Counter = Counter()
+
+    @property
+    def _data_loader_iter(self):  # SimpleTrainer's iterator is not used: the loader is task-aware
+        raise AttributeError("MultiTaskStep draws batches through MultiTaskLoader")
+
+    def _forward(self, batch, name: str):
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device_type=device, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            loss_dict = self.model(batch, task=name)
+        for k, v in loss_dict.items():
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(
+                    f"non-finite loss {k}={v.detach().float().item()} in task {name!r} at iteration {self.iter}"
+                )
+        return loss_dict
+
+    def run_step(self):
+        assert self.model.training, "[MultiTaskStep] model was changed to eval mode!"
+        start = time.perf_counter()
+        mixed = isinstance(self.loader.sampler, MixedTaskSampler)
+        batches = self.loader.next_batches(self.iter) if mixed else dict([self.loader.next_batch(self.iter)])
+        data_time = time.perf_counter() - start
+
+        self.optimizer.zero_grad(set_to_none=True)
+        logged, total = {}, 0.0
+        for name, batch in batches.items():
+            loss_dict = self._forward(batch, name)
+            task_loss = sum(loss_dict.values())
+            total = total + (self.sampling[name] * task_loss if mixed else task_loss)
+            logged.update({f"{name}/{k}": v for k, v in loss_dict.items()})
+            self.task_counts[name] += 1
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+        else:
+            total.backward()
+        self.after_backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+        if isinstance(self.optimizer, TBGN):
+            # unmixed: the sampled task's (s_k, omega_k); mixed: one joint step (s = 1, omega = 1)
+            name = next(iter(batches))
+            s_k, w_k = (1.0, 1.0) if mixed else (self.sampling[name], self.specs[name].grad_weight)
+            self.optimizer.set_task(s_k, w_k)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+        self._write_metrics(logged, data_time)
+        storage = get_event_storage()
+        storage.put_scalar("grad_norm", grad_norm, smoothing_hint=False)
+        for name in batches:
+            storage.put_scalar(f"task_count/{name}", self.task_counts[name], smoothing_hint=False)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        storage.put_scalar("tau", float(model.likelihood.temperature.detach()), smoothing_hint=False)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        ret["task_counts"] = dict(self.task_counts)
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
+        self.task_counts = Counter(state_dict.get("task_counts", {}))

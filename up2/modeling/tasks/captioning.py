@@ -1,0 +1,140 @@
+"""Image captioning in the unified formulation (paper §4.3, App. B).
+
+Shape shorthand: N images, K beams, Ti image tokens, T text tokens, V vocabulary targets, d width.
+
+Input x = image tokens ++ caption tokens under a prefix-causal mask (text sees every image
+token and the earlier text); each text position is compared with the vocabulary targets and
+trained with next-token cross-entropy (Eq. 7). Caption tokens enter g through the text
+encoder's context-free embedding layer, so no later token leaks into an earlier one.
+Inference: batched beam search (beam 1 = greedy), stopping at the end token.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets, dataset_texts
+from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.structures import AttentionKind, TokenBatch
+
+__all__ = ["CaptioningTask"]
+
+
+@register_task("captioning")
+class CaptioningTask:
+    """Inputs: image-text mapper dicts ("image"; "caption" (str) in training). Eval output per
+    image: {"caption": str, "caption_ids": (t,) int64 token ids without specials}."""
+
+    family = TaskFamily.CAPTIONING
+
+    def __init__(self, spec: TaskSpec, **_):
+        self.spec = spec
+        self._vocab: Optional[VocabularyTargets] = None
+
+    def vocabulary(self, text_encoder) -> VocabularyTargets:
+        if self._vocab is None:
+            if self.spec.vocabulary == "dataset":
+                self._vocab = VocabularyTargets.from_texts(text_encoder, dataset_texts(self.spec.datasets_train))
+            else:
+                self._vocab = VocabularyTargets()
+        return self._vocab
+
+    def _sequence(self, image_batch: TokenBatch, text_feats: torch.Tensor, text_pad: torch.Tensor) -> TokenBatch:
+        """image tokens (B, Ti, d) ++ text (B, T, d) with the prefix-causal mask and attributes."""
+        B, Ti = image_batch.padding_mask.shape
+        T = text_pad.shape[1]
+        text_attr = constant_attributes(B, T, modality=Modality.TEXT, role=Role.INPUT, attention=TokenAttention.CAUSAL,
+                                        task=self.family, device=text_feats.device, dtype=text_feats.dtype)
+        return TokenBatch(
+            tokens=torch.cat([image_batch.tokens, text_feats.to(image_batch.tokens.dtype)], dim=1),
+            padding_mask=torch.cat([image_batch.padding_mask, text_pad], dim=1),
+            attributes=torch.cat([image_batch.attributes, text_attr.to(image_batch.attributes.dtype)], dim=1),
+            attention=AttentionKind.PREFIX_CAUSAL,
+            prefix_length=torch.full((B,), Ti, dtype=torch.long, device=text_pad.device),
+        )
+
+    def __call__(self, model, batched_inputs: Sequence[dict], beam_size: Optional[int] = None,
+                 max_length: Optional[int] = None):
+        """Raises: KeyError for a training input without "caption"; ValueError for an empty caption."""
+        enc = model.encode_image(batched_inputs, self.family)
+        vocab = self.vocabulary(model.text_encoder)
+        targets = vocab.embed(model, self.family)  # (V, d)
+        if model.training:
+            captions = []
+            for i, d in enumerate(batched_inputs):
+                if "caption" not in d:
+                    raise KeyError(f"captioning input {i} ({d.get('file_name', '?')}) has no 'caption'")
+                if not d["caption"].strip():
+                    raise ValueError(f"captioning input {i} (image_id {d.get('image_id')}) has an empty caption")
+                captions.append(d["caption"])
+            tok = model.text_encoder.tokenize(captions)
+            ids = tok["input_ids"].to(model.device)
+            keep = tok["attention_mask"].to(model.device).bool()
+            inputs, labels = ids[:, :-1], ids[:, 1:].masked_fill(~keep[:, 1:], IGNORE)
+            seq = self._sequence(enc.tokens.batch, model.text_encoder.embed_tokens(inputs), ~keep[:, :-1])
+            Ti = enc.tokens.batch.padding_mask.shape[1]
+            out = model.unified_decoder(seq)[:, 1 + Ti :]  # (B, T-1, d)
+            logits = model.likelihood(out, targets)
+            target = vocab.index_of(labels, model.text_encoder)
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+            return {"loss_caption": self.spec.loss_weight * loss}
+        return self.generate(model, enc.tokens.batch, vocab, targets, beam_size or self.spec.beam_size,
+                             max_length or self.spec.max_caption_length)
+
+    @torch.no_grad()
+    def generate(self, model, image_batch: TokenBatch, vocab: VocabularyTargets, targets: torch.Tensor,
+                 beam_size: int, max_length: int) -> List[dict]:
+        """Batched beam search over the vocabulary targets (sum of log-probabilities, no length
+        penalty, so beam 1 is exactly greedy decoding). A finished beam (end token) keeps its
+        score and only extends with padding.
+
+        Returns:
+            per image {"caption": str, "caption_ids": (t,) int64 without special tokens}.
+        """
+        if beam_size < 1 or max_length < 1:
+            raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
+        te = model.text_encoder
+        sp = te.special_ids
+        ids_v = vocab.resolve(te)
+        N, Ti = image_batch.padding_mask.shape
+        K = beam_size
+        rep = lambda t: t.repeat_interleave(K, dim=0)  # noqa: E731
+        img = TokenBatch(tokens=rep(image_batch.tokens), padding_mask=rep(image_batch.padding_mask),
+                         attributes=rep(image_batch.attributes))
+        seqs = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
+        scores = torch.full((N, K), float("-inf"), device=model.device)
+        scores[:, 0] = 0.0  # start from one live beam per image
+        done = torch.zeros(N * K, dtype=torch.bool, device=model.device)
+        for _ in range(max_length + 1):
+            pad = torch.zeros_like(seqs, dtype=torch.bool)
+            out = model.unified_decoder(self._sequence(img, te.embed_tokens(seqs), pad))[:, -1]
+            logp = model.likelihood(out, targets).log_softmax(-1)  # (N*K, V)
+            # finished beams extend with padding at no cost
+            pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])
+            logp[done] = float("-inf")
+            logp[done, pad_index] = 0.0
+            V = logp.shape[1]
+            cand = (scores.view(N, K, 1) + logp.view(N, K, V)).view(N, K * V)
+            scores, flat = cand.topk(K, dim=1)
+            beam = flat // V + torch.arange(N, device=flat.device)[:, None] * K
+            token = ids_v[flat % V]
+            seqs = torch.cat([seqs[beam.flatten()], token.view(-1, 1)], dim=1)
+            done = done[beam.flatten()] | (token.flatten() == sp.sep) | (token.flatten() == sp.pad)
+            if done.all():
+                break
+        best = seqs.view(N, K, -1)[:, 0]  # topk keeps beams sorted by score
+        specials = {sp.cls, sp.sep, sp.pad}
+        results = []
+        for row in best.tolist():
+            words = []
+            for t in row[1:]:
+                if t in (sp.sep, sp.pad):
+                    break
+                if t not in specials:
+                    words.append(t)
+            results.append({"caption": te.tokenizer.decode(words, skip_special_tokens=True).strip(),
+                            "caption_ids": torch.tensor(words, dtype=torch.long)})
+        return results

@@ -1,0 +1,114 @@
+"""Masked language modelling in the unified formulation (paper §4.3, §5.1 "language modeling").
+
+Shape shorthand: B texts, T tokens, V vocabulary targets, d width.
+
+15% of the (non-special) tokens are chosen; BERT's rule replaces 80% of them by the mask
+token, 10% by a random token of the target vocabulary and keeps 10%. The masked text goes
+through f_text and g (bidirectional); each chosen position is compared with the vocabulary
+targets (Eq. 5-7). Evaluation masks with a fixed seed so the metric is reproducible.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets, dataset_texts
+from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.structures import TokenBatch
+
+__all__ = ["MaskedLMTask", "mask_tokens"]
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_id: int,
+    random_pool: torch.Tensor,
+    prob: float = 0.15,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (80% mask token / 10% random / 10% unchanged).
+
+    Args:
+        ids: (B, T) int64 token ids. maskable: (B, T) bool, positions that may be chosen (not
+            special, not padding). mask_id: the tokenizer's mask token. random_pool: (P,) ids to
+            draw random replacements from. prob: share of maskable tokens chosen; every text
+            with a maskable token gets at least one.
+
+    Returns:
+        (masked ids (B, T), labels (B, T) with the original id at chosen positions, -100 elsewhere).
+    """
+    u = torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
+    u = u.masked_fill(~maskable, 2.0)
+    chosen = (u < prob) & maskable
+    # at least one chosen token per text that has any maskable token
+    first = u.argmin(dim=1)
+    has = maskable.any(dim=1)
+    chosen[has, first[has]] = True
+    labels = ids.masked_fill(~chosen, IGNORE)
+    r = torch.rand(ids.shape, generator=generator, device="cpu").to(ids.device)
+    masked = ids.clone()
+    masked[chosen & (r < 0.8)] = mask_id
+    swap = chosen & (r >= 0.8) & (r < 0.9)
+    pick = torch.randint(len(random_pool), ids.shape, generator=generator, device="cpu").to(ids.device)
+    masked[swap] = random_pool.to(ids.device)[pick[swap]]
+    return masked, labels
+
+
+@register_task("masked_lm")
+class MaskedLMTask:
+    """Inputs: text mapper dicts {"text": str}. Eval output per text: {"mlm_predictions": (T,)
+    int64 predicted token ids at masked positions (-100 elsewhere), "mlm_labels": (T,) int64}."""
+
+    family = TaskFamily.MLM
+
+    def __init__(self, spec: TaskSpec, mask_prob: float = 0.15, **_):
+        self.spec = spec
+        self.mask_prob = mask_prob
+        self._vocab: Optional[VocabularyTargets] = None
+
+    def vocabulary(self, text_encoder) -> VocabularyTargets:
+        if self._vocab is None:
+            if self.spec.vocabulary == "dataset":
+                self._vocab = VocabularyTargets.from_texts(text_encoder, dataset_texts(self.spec.datasets_train))
+            else:
+                self._vocab = VocabularyTargets()
+        return self._vocab
+
+    def __call__(self, model, batched_inputs: Sequence[dict]):
+        """Raises: KeyError for an input without "text"; ValueError when the tokenizer has no mask token."""
+        te = model.text_encoder
+        sp = te.special_ids
+        if sp.mask is None:
+            raise ValueError("masked LM needs a tokenizer with a mask token")
+        texts = []
+        for i, d in enumerate(batched_inputs):
+            if "text" not in d:
+                raise KeyError(f"masked-LM input {i} has no 'text'")
+            texts.append(d["text"])
+        tok = te.tokenize(texts)
+        ids = tok["input_ids"].to(model.device)
+        keep = tok["attention_mask"].to(model.device).bool()
+        maskable = keep & (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
+        vocab = self.vocabulary(te)
+        pool = vocab.resolve(te)
+        generator = None if model.training else torch.Generator().manual_seed(0)
+        masked, labels = mask_tokens(ids, maskable, sp.mask, pool, self.mask_prob, generator)
+        feats, pad = te(masked, keep.long())
+        attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.INPUT,
+                                         attention=TokenAttention.BIDIRECTIONAL, task=self.family,
+                                         device=feats.device, dtype=feats.dtype)
+        out = model.unified_decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes))[:, 1:]
+        targets = vocab.embed(model, self.family)
+        chosen = labels != IGNORE
+        logits = model.likelihood(out[chosen], targets)  # (M, V)
+        if model.training:
+            target = vocab.index_of(labels[chosen], te)
+            loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if len(target) else logits.sum() * 0.0
+            return {"loss_mlm": self.spec.loss_weight * loss}
+        pred = torch.full_like(labels, IGNORE)
+        pred[chosen] = pool[logits.argmax(-1)]
+        return [{"mlm_predictions": p[k], "mlm_labels": lab[k]} for p, lab, k in zip(pred, labels, keep)]
