@@ -38,10 +38,20 @@ def coco128() -> Path:
 def shapes_datasets(tmp_path_factory):
     """A small shapes dataset (24 train / 8 val images, 64 px) registered as test_shapes_{train,val}."""
     from up2.data.datasets.shapes import generate_shapes_dataset, register_shapes
+    from up2.data.datasets.shapes_tasks import register_shapes_tasks
 
     root = tmp_path_factory.mktemp("shapes") / "shapes"
     generate_shapes_dataset(str(root), num_train=24, num_val=8, image_size=64, seed=0)
-    return register_shapes(str(root), prefix="test_shapes")
+    names = register_shapes(str(root), prefix="test_shapes")
+    return names + register_shapes_tasks(str(root), prefix="test_shapes")
+
+
+def add_task(cfg, name, task_type, train, test, **keys):
+    """Add cfg.TASKS.<name> (a small batch of 4; extra keys e.g. VOCABULARY="dataset")."""
+    node = {"TYPE": task_type, "DATASETS": {"TRAIN": [train], "TEST": [test]}, "IMS_PER_BATCH": 4}
+    node.update(keys)
+    setattr(cfg.TASKS, name, type(cfg)(node))
+    return cfg
 
 
 def tiny_cfg(task_type: str = "instance_segmentation", train="test_shapes_train", test="test_shapes_val", **overrides):
@@ -65,7 +75,8 @@ def tiny_cfg(task_type: str = "instance_segmentation", train="test_shapes_train"
             "INPUT.MAX_SIZE_TEST", 64, "SOLVER.IMS_PER_BATCH", 4,
         ]
     )
-    cfg.TASKS.TASK = type(cfg)({"TYPE": task_type, "DATASETS": {"TRAIN": [train], "TEST": [test]}, "IMS_PER_BATCH": 4})
+    if task_type is not None:
+        cfg.TASKS.TASK = type(cfg)({"TYPE": task_type, "DATASETS": {"TRAIN": [train], "TEST": [test]}, "IMS_PER_BATCH": 4})
     for k, v in overrides.items():
         cfg.merge_from_list([k, v])
     return cfg

@@ -108,7 +108,7 @@ class CaptioningTask:
         scores = torch.full((N, K), float("-inf"), device=model.device)
         scores[:, 0] = 0.0  # start from one live beam per image
         done = torch.zeros(N * K, dtype=torch.bool, device=model.device)
-        for _ in range(max_length + 1):
+        for _ in range(max_length):
             pad = torch.zeros_like(seqs, dtype=torch.bool)
             out = model.unified_decoder(self._sequence(img, te.embed_tokens(seqs), pad))[:, -1]
             logp = model.likelihood(out, targets).log_softmax(-1)  # (N*K, V)
