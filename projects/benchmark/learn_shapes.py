@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Learning check: train a tiny UP2 on the synthetic shapes data for a fixed number of
-iterations on the CPU, then evaluate on shapes val with detectron2's COCOEvaluator.
+iterations on the CPU, then evaluate every task of the config on shapes val.
 
-    .venv/bin/python projects/benchmark/learn_shapes.py --iters 800
-    .venv/bin/python projects/benchmark/learn_shapes.py --config-file configs/tiny/det_shapes.yaml
+    .venv/bin/python projects/benchmark/learn_shapes.py --task inst --iters 900
+    .venv/bin/python projects/benchmark/learn_shapes.py --task cls --iters 300
+    .venv/bin/python projects/benchmark/learn_shapes.py --joint --iters 3000
 
-Prints one table: box AP, AP50, mask AP, mask AP50, iterations, training seconds.
+Tasks: det, inst (box/mask AP via COCOEvaluator), cls (top-1/top-5), retrieval (R@1/5/10 both
+ways), caption (BLEU-4, CIDEr), mlm (masked-token accuracy); --joint trains all of them together.
+Prints one table: task, dataset, metric, value, iterations, training seconds.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = {"det": "det_shapes", "inst": "inst_shapes", "cls": "cls_shapes", "retrieval": "retrieval_shapes",
+           "caption": "caption_shapes", "mlm": "mlm_shapes"}
 sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UP2_DATASETS", os.path.join(REPO, "datasets"))
@@ -22,8 +27,10 @@ os.environ.setdefault("UP2_DATASETS", os.path.join(REPO, "datasets"))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-file", default=os.path.join(REPO, "configs/tiny/inst_shapes.yaml"))
-    parser.add_argument("--iters", type=int, default=800)
+    parser.add_argument("--task", choices=sorted(CONFIGS), default="inst")
+    parser.add_argument("--joint", action="store_true", help="every task together (configs/tiny/joint_shapes.yaml)")
+    parser.add_argument("--config-file", default=None, help="overrides --task / --joint")
+    parser.add_argument("--iters", type=int, default=900)
     parser.add_argument("--output", default=os.path.join(REPO, "output/learn_shapes"))
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -46,7 +53,9 @@ def main(argv=None):
     setup_logger(name="up2")
     cfg = get_cfg()
     add_up2_config(cfg)
-    cfg.merge_from_file(args.config_file)
+    config_file = args.config_file or os.path.join(
+        REPO, "configs", "tiny", ("joint_shapes" if args.joint else CONFIGS[args.task]) + ".yaml")
+    cfg.merge_from_file(config_file)
     cfg.merge_from_list(args.opts)
     cfg.SOLVER.MAX_ITER = args.iters
     cfg.SOLVER.STEPS = (int(args.iters * 0.8),)
@@ -61,13 +70,24 @@ def main(argv=None):
     trainer.train()
     seconds = time.time() - t0
     results = UP2Trainer.test(cfg, trainer.model)
+    if len(cfg.TASKS) == 1:  # detectron2's single-task shape -> {task: {dataset: results}}
+        (name,), (spec,) = list(cfg.TASKS.keys()), list(cfg.TASKS.values())
+        results = {name: {spec.DATASETS.TEST[0]: results}}
     rows = []
-    for dataset, res in (results.items() if results and isinstance(next(iter(results.values())), dict) and "bbox" not in results else [("shapes_val", results)]):
-        bbox, segm = res.get("bbox", {}), res.get("segm", {})
-        rows.append([dataset, bbox.get("AP"), bbox.get("AP50"), segm.get("AP"), segm.get("AP50"), args.iters, round(seconds)])
+    for task, per_dataset in results.items():
+        for dataset, res in per_dataset.items():
+            for group, metrics in res.items():
+                for metric, value in metrics.items():
+                    if metric in KEEP.get(group, ()):
+                        rows.append([task, dataset, f"{group} {metric}", value, args.iters, round(seconds)])
     print()
-    print(tabulate(rows, headers=["dataset", "box AP", "box AP50", "mask AP", "mask AP50", "iters", "train s"],
+    print(tabulate(rows, headers=["task", "dataset", "metric", "value", "iters", "train s"],
                    floatfmt=".1f", tablefmt="github"))
+
+
+KEEP = {"bbox": ("AP", "AP50"), "segm": ("AP", "AP50"), "classification": ("top1", "top5"),
+        "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"), "captioning": ("BLEU-4", "CIDEr"),
+        "mlm": ("accuracy",)}
 
 
 if __name__ == "__main__":
