@@ -102,3 +102,34 @@ def test_classify_with_new_class_names(joint):
     assert all(o["pred_class_scores"].shape == (3,) for o in out)
     with pytest.raises(ValueError, match="class_names"):
         model(inputs, task="CLS", class_names=[])
+
+
+def test_generalist_predictor_every_task(joint, tmp_path):
+    import skimage.data
+    from PIL import Image
+
+    from up2.predictor import GeneralistPredictor
+
+    cfg, trainer = joint
+    DetectionCheckpointerPath = tmp_path / "w.pth"
+    torch.save({"model": trainer.model.state_dict()}, DetectionCheckpointerPath)
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(DetectionCheckpointerPath)
+    p = GeneralistPredictor(cfg)
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(photo)
+    inst = p.detect(str(photo), class_names=["cup", "spoon"])
+    assert inst.image_size == skimage.data.coffee().shape[:2] and int(inst.pred_classes.max()) <= 1
+    assert p.segment(skimage.data.camera()).pred_masks.shape[-2:] == skimage.data.camera().shape
+    out = p.classify(str(photo), ["circle", "square", "star"])
+    assert out["scores"].shape == (3,) and out["label"] in ("circle", "square", "star")
+    assert isinstance(p.caption(str(photo), beam_size=2, max_length=5), str)
+    sim = p.retrieve([str(photo), skimage.data.logo()], ["a red circle", "two blue squares", "a star"])
+    assert sim.shape == (2, 3) and (sim.abs() <= 1 + 1e-5).all()
+    with pytest.raises(ValueError, match="class_names"):
+        p.classify(str(photo), [])
+    with pytest.raises(ValueError, match="empty"):
+        p.retrieve([str(photo)], [""])
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        p.classify(str(tmp_path / "missing.jpg"), ["a"])

@@ -19,7 +19,7 @@ from up2.modeling.tasks.base import TaskSpec, register_task
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.structures import TokenBatch
 
-__all__ = ["RetrievalTask", "gather_with_grad", "infonce"]
+__all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,25 @@ def infonce(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
     """
     target = torch.arange(logits.shape[0], device=logits.device) + offset
     return F.cross_entropy(logits, target)
+
+
+def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE (Eq. 7 for retrieval) with optional Gather Feature (paper §4.4).
+
+    Args:
+        img: (N, d) image features at [SPE]; txt: (N, d) features of their captions (row i pairs
+            with row i). likelihood: the Likelihood module (cos / tau). gather: use the features
+            of every rank as negatives (gathered with gradient).
+
+    Returns:
+        0-dim float: mean of image->text and text->image cross-entropy over the local queries.
+    """
+    distributed = gather and dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    all_img = gather_with_grad(img) if gather else img
+    all_txt = gather_with_grad(txt) if gather else txt
+    offset = rank * img.shape[0]
+    return 0.5 * (infonce(likelihood(img, all_txt), offset) + infonce(likelihood(txt, all_img), offset))
 
 
 @register_task("retrieval")
@@ -73,13 +92,7 @@ class RetrievalTask:
         if model.training:
             captions = [_field(d, "caption", i) for i, d in enumerate(batched_inputs)]
             txt = self.encode_texts(model, captions)
-            rank = dist.get_rank() if self.gather and dist.is_available() and dist.is_initialized() else 0
-            all_img = gather_with_grad(img) if self.gather else img
-            all_txt = gather_with_grad(txt) if self.gather else txt
-            offset = rank * img.shape[0]
-            i2t = infonce(model.likelihood(img, all_txt), offset)
-            t2i = infonce(model.likelihood(txt, all_img), offset)
-            return {"loss_retrieval": self.spec.loss_weight * 0.5 * (i2t + t2i)}
+            return {"loss_retrieval": self.spec.loss_weight * retrieval_loss(img, txt, model.likelihood, self.gather)}
         results = []
         for i, d in enumerate(batched_inputs):
             caps = _field(d, "captions", i)
