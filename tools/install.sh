@@ -11,7 +11,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+# (this machine's pip config names local wheel folders that may be absent: drop those warnings)
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install --upgrade "pip>=24" wheel "setuptools<81"
 # PyTorch: the versions that lie on this machine's disk (DESIGN §10).
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
@@ -25,5 +26,7 @@ if ! "$VENV/bin/python" -c "import detectron2.config, detectron2.modeling" 2>/de
       --target "$purelib" --upgrade sal-detectron2==0.7.2
 fi
 pip install -e ".[dev]"
+echo "install: note: pip may report that sal-detectron2 wants numpy<2 and black; that is its metadata only" \
+     "(detectron2's code runs with numpy 2 here, as the test suite checks)"
 echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 echo "install: .venv ready ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Dict
 
 import torch
+
+from up2.utils.atomic import atomic_write
 
 __all__ = ["load_state_dict", "save_d2_checkpoint"]
 
@@ -78,16 +79,9 @@ def save_d2_checkpoint(
     else:
         model = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     ckpt = {"model": model, "__author__": author, "matching_heuristics": matching_heuristics}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".pkl":
-                pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
-            else:
-                torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(str(path), "wb") as f:
+        if path.suffix == ".pkl":
+            pickle.dump(ckpt, f, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            torch.save(ckpt, f)
     return path

@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Union
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
+
+from up2.utils.atomic import atomic_write
 
 __all__ = ["CaptioningEvaluator", "simple_tokenize", "load_coco_captions", "caption_scores"]
 
@@ -195,17 +196,9 @@ class CaptioningEvaluator(DatasetEvaluator):
             self._predictions.append({"image_id": inp["image_id"], "caption": out["caption"]})
 
     def _write(self, predictions: List[dict]):
-        os.makedirs(self._output_dir, exist_ok=True)
         path = os.path.join(self._output_dir, RESULTS_FILE)
-        fd, tmp = tempfile.mkstemp(dir=self._output_dir, prefix=RESULTS_FILE + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(predictions, f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(path) as f:
+            json.dump(predictions, f)
         logger.info(f"Saved {len(predictions)} captions to {path}")
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:

@@ -30,10 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Dict, List
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from up2.utils.atomic import atomic_write
 
 from .text_corpus import replace_registration
 
@@ -190,17 +191,8 @@ def karpathy_to_coco_captions(karpathy_json: str, split: str, include_restval: b
 
 
 def _write_json_atomic(obj: dict, path: str) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        json.dump(obj, f)
 
 
 def register_karpathy_split(

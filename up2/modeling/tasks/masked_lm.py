@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from up2.modeling.tasks.base import TaskSpec, register_task
-from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets, dataset_texts
+from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.structures import TokenBatch
 
@@ -72,10 +72,7 @@ class MaskedLMTask:
 
     def vocabulary(self, text_encoder) -> VocabularyTargets:
         if self._vocab is None:
-            if self.spec.vocabulary == "dataset":
-                self._vocab = VocabularyTargets.from_texts(text_encoder, dataset_texts(self.spec.datasets_train))
-            else:
-                self._vocab = VocabularyTargets()
+            self._vocab = VocabularyTargets.for_task(self.spec, text_encoder)
         return self._vocab
 
     def __call__(self, model, batched_inputs: Sequence[dict]):

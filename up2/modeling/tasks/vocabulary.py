@@ -55,6 +55,14 @@ class VocabularyTargets:
         self._lookup: Optional[torch.Tensor] = None
 
     @classmethod
+    def for_task(cls, spec, text_encoder) -> "VocabularyTargets":
+        """The target set a task's config asks for: ``spec.vocabulary`` "full" or "dataset"
+        (the tokens of ``spec.datasets_train``)."""
+        if spec.vocabulary == "dataset":
+            return cls.from_texts(text_encoder, dataset_texts(spec.datasets_train))
+        return cls()
+
+    @classmethod
     def from_texts(cls, tokenizer_encoder, texts: Iterable[str]) -> "VocabularyTargets":
         """The tokens that occur in ``texts`` plus every special token (cls, sep, pad, mask)."""
         texts = list(texts)
