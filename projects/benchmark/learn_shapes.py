@@ -80,9 +80,30 @@ def main(argv=None):
                 for metric, value in metrics.items():
                     if metric in KEEP.get(group, ()):
                         rows.append([task, dataset, f"{group} {metric}", value, args.iters, round(seconds)])
+    for name, spec in cfg.TASKS.items():
+        if spec.TYPE == "classification":
+            rows.append([name, spec.DATASETS.TEST[0], "GeneralistPredictor.classify correct %",
+                         predictor_accuracy(cfg, spec.DATASETS.TEST[0]), args.iters, round(seconds)])
     print()
     print(tabulate(rows, headers=["task", "dataset", "metric", "value", "iters", "train s"],
                    floatfmt=".1f", tablefmt="github"))
+
+
+def predictor_accuracy(cfg, dataset: str) -> float:
+    """Share (%) of ``dataset`` images whose true class GeneralistPredictor.classify ranks first,
+    with the class names passed at call time."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from up2.predictor import GeneralistPredictor
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    predictor = GeneralistPredictor(cfg)
+    names = list(MetadataCatalog.get(dataset).thing_classes)
+    records = DatasetCatalog.get(dataset)
+    correct = sum(predictor.classify(r["file_name"], names)["label"] == names[r["class_id"]] for r in records)
+    return 100.0 * correct / len(records)
 
 
 KEEP = {"bbox": ("AP", "AP50"), "segm": ("AP", "AP50"), "classification": ("top1", "top5"),

@@ -61,7 +61,7 @@ def main(argv=None):
     cfg = get_cfg()
     add_up2_config(cfg)
     cfg.merge_from_file(args.config_file)
-    cfg.TASKS.INSTANCE_SEGMENTATION = CfgNode({"TYPE": "instance_segmentation", "IMS_PER_BATCH": 8,
+    cfg.TASKS.INSTANCE_SEGMENTATION = CfgNode({"TYPE": "instance_segmentation", "IMS_PER_BATCH": 8, "LOSS_WEIGHT": 4.0,
                                                "DATASETS": {"TRAIN": ["coco128_subset"], "TEST": ["coco128_subset"]}})
     cfg.merge_from_list(["INPUT.MIN_SIZE_TRAIN", (160,), "INPUT.MAX_SIZE_TRAIN", 224, "INPUT.MIN_SIZE_TEST", 160,
                          "INPUT.MAX_SIZE_TEST", 224, "INPUT.RANDOM_FLIP", "none", "MODEL.PROPOSAL.TEST_TOPK", 100])
