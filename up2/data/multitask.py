@@ -17,6 +17,7 @@ import math
 from typing import Any, Dict, Iterable, Iterator, Mapping, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 
 __all__ = ["UnmixedTaskSampler", "MixedTaskSampler", "MultiTaskLoader"]
 
@@ -190,9 +191,16 @@ class MultiTaskLoader:
         self._iterators: Dict[str, Iterator] = {}
 
     def _next(self, name: str) -> Any:
-        if name not in self._iterators:
-            self._iterators[name] = iter(self._loaders[name])
         try:
+            if name not in self._iterators:
+                # A torch DataLoader draws its base seed from the global torch RNG when its iterator
+                # starts (for detectron2's grouped loaders: at the first fetch). Fork the RNG around
+                # that first fetch so that starting a task's loader, at its first use or right after
+                # a resume, does not shift the random stream the model sees (exact resume). Mappers
+                # draw their augmentation randomness from numpy, which is not forked.
+                with torch.random.fork_rng(devices=[]):
+                    self._iterators[name] = iter(self._loaders[name])
+                    return next(self._iterators[name])
             return next(self._iterators[name])
         except StopIteration:
             raise RuntimeError(f"the loader of task {name!r} is exhausted; training loaders must be infinite") from None

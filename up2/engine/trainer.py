@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import weakref
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
@@ -28,6 +30,7 @@ from up2.data.mappers import (
     TextDatasetMapper,
 )
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
+from up2.data.samplers import ResumableTrainingSampler
 from up2.engine.hooks import ProgressBar
 from up2.engine.multitask_step import MultiTaskStep
 from up2.evaluation import CaptioningEvaluator, ClassificationEvaluator, MaskedLMEvaluator, RetrievalEvaluator
@@ -139,7 +142,9 @@ class UP2Trainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         loader = self.build_train_loader(cfg)
         # tasks use different parameters; every rank runs the same task, so DDP can skip the unused ones
-        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True)
+        on_cpu = next(model.parameters()).device.type == "cpu"  # gloo on CPU: DDP wants device_ids=None
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True,
+                                 **({"device_ids": None} if on_cpu else {}))
         amp = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MultiTaskStep(model, loader, optimizer, self.specs, amp_dtype=amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -156,28 +161,48 @@ class UP2Trainer(DefaultTrainer):
         return hooks
 
     def state_dict(self):
+        """detectron2's trainer state + the task sampler and the RNG states (augmentation,
+        dropout, masking draw from them), so that ``--resume`` continues exactly."""
         ret = super().state_dict()
         ret["task_sampler"] = self._trainer.loader.state_dict()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+        # plain tensors / tuples only, so torch.load(weights_only=True) accepts the checkpoint
+        ret["rng"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
         return ret
 
     def load_state_dict(self, state_dict):
+        """Also restores the RNG states and moves every task's image stream past the images
+        it has already trained on (exact when every batch is filled in order, i.e. without
+        aspect-ratio grouping of mixed orientations and with a fixed world size)."""
         super().load_state_dict(state_dict)
+        loader = self._trainer.loader
         if "task_sampler" in state_dict:
-            self._trainer.loader.load_state_dict(state_dict["task_sampler"])
+            loader.load_state_dict(state_dict["task_sampler"])
+        if "rng" in state_dict:
+            torch.set_rng_state(state_dict["rng"]["torch"])
+            kind, keys, pos, has_gauss, gauss = state_dict["rng"]["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(state_dict["rng"]["python"])
+        world = comm.get_world_size()
+        for name, count in self._trainer.task_counts.items():
+            loader.index_samplers[name].skip = count * (self.specs[name].ims_per_batch // world)
 
     @classmethod
     def build_train_loader(cls, cfg) -> MultiTaskLoader:
         """One infinite detectron2 loader per task, and the task sampler (DATALOADER.TASK_SAMPLING)."""
         specs = task_specs_from_config(cfg)
-        loaders = {}
+        loaders, samplers = {}, {}
         for name, spec in specs.items():
             localization = spec.type in _LOCALIZATION
             dataset = get_detection_dataset_dicts(
                 list(spec.datasets_train), filter_empty=localization and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             )
+            samplers[name] = ResumableTrainingSampler(len(dataset), seed=cfg.DATALOADER.TASK_SAMPLER_SEED)
             loaders[name] = build_detection_train_loader(
                 dataset=dataset,
                 mapper=build_mapper(cfg, spec, is_train=True),
+                sampler=samplers[name],
                 total_batch_size=spec.ims_per_batch,
                 aspect_ratio_grouping=localization,
                 num_workers=cfg.DATALOADER.NUM_WORKERS,
@@ -191,7 +216,9 @@ class UP2Trainer(DefaultTrainer):
             sampler = MixedTaskSampler(names, ratios)
         else:
             raise ValueError(f"cfg.DATALOADER.TASK_SAMPLING must be 'unmixed' or 'mixed', got {mode!r}")
-        return MultiTaskLoader(loaders, sampler)
+        loader = MultiTaskLoader(loaders, sampler)
+        loader.index_samplers = samplers  # for resume: see UP2Trainer.load_state_dict
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, spec: TaskSpec = None):
