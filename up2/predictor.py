@@ -15,7 +15,7 @@ at call time replace the training classes (open vocabulary).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch

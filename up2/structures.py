@@ -12,7 +12,7 @@ Boxes are normalised (cx, cy, w, h) in [0, 1] relative to the PADDED image
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import List, Optional, Tuple
 

@@ -65,7 +65,7 @@ def test_class_name_file_forms(folder, tmp_path, form):
     elif form == "json_index":
         f = _write(tmp_path / "idx.json", json.dumps({str(i): [w, n] for i, (w, n) in enumerate(zip(WNIDS, NAMES))}))
     elif form == "txt_pairs":  # LOC_synset_mapping.txt style, shuffled, with a blank line and an extra class
-        lines = [f"{WNIDS[2]} {NAMES[2]}", "", f"{WNIDS[0]} {NAMES[0]}", f"n00000001 other", f"{WNIDS[1]}  {NAMES[1]} "]
+        lines = [f"{WNIDS[2]} {NAMES[2]}", "", f"{WNIDS[0]} {NAMES[0]}", "n00000001 other", f"{WNIDS[1]}  {NAMES[1]} "]
         f = _write(tmp_path / "map.txt", "\n".join(lines) + "\n")
     elif form == "txt_names":
         f = _write(tmp_path / "names.txt", "\n".join(NAMES) + "\n\n")

@@ -7,7 +7,7 @@ and read at [SPE]; loss = Eq. 7 (softmax cross-entropy over the C classes, weigh
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
