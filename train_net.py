@@ -10,6 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
@@ -24,6 +25,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures the "detectron2" and "fvcore" loggers; up2's own (task evaluation tables) too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="up2")
     return cfg
 
 

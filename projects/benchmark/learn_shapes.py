@@ -25,6 +25,45 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UP2_DATASETS", os.path.join(REPO, "datasets"))
 
 
+def prepare_shapes() -> None:
+    """Write ``datasets/shapes`` (a no-op when it is up to date) and register the ``shapes_*``
+    datasets of every task in this process."""
+    import subprocess
+
+    subprocess.run([sys.executable, os.path.join(REPO, "datasets/prepare_shapes.py"), "--out",
+                    os.path.join(REPO, "datasets/shapes")], check=True)
+    import up2  # noqa: F401
+    from up2.data.datasets.builtin import register_all_builtin
+
+    register_all_builtin(os.path.join(REPO, "datasets"))
+
+
+def shapes_config(config_file: str, iters: int, output: str, opts=()):
+    """The (unfrozen) config of a learning run: ``config_file`` + ``opts`` (KEY VALUE ...), then
+    ``iters`` iterations with the lr step at 80 % of them, written to ``output``."""
+    from detectron2.config import get_cfg
+
+    from up2 import add_up2_config
+
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.SOLVER.MAX_ITER = iters
+    cfg.SOLVER.STEPS = (int(iters * 0.8),)
+    cfg.OUTPUT_DIR = output
+    return cfg
+
+
+def per_task_results(cfg, results) -> dict:
+    """``UP2Trainer.test`` output as ``{task: {dataset: {group: {metric: value}}}}`` also for a
+    single-task config (where detectron2's shape ``{group: {metric: value}}`` is returned)."""
+    if len(cfg.TASKS) == 1:
+        (name,), (spec,) = list(cfg.TASKS.keys()), list(cfg.TASKS.values())
+        return {name: {spec.DATASETS.TEST[0]: results}}
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(CONFIGS), default="inst")
@@ -35,31 +74,16 @@ def main(argv=None):
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
 
-    import subprocess
-
-    subprocess.run([sys.executable, os.path.join(REPO, "datasets/prepare_shapes.py"), "--out",
-                    os.path.join(REPO, "datasets/shapes")], check=True)
-    import up2  # noqa: F401
-    from up2.data.datasets.builtin import register_all_builtin
-
-    register_all_builtin(os.path.join(REPO, "datasets"))
-    from detectron2.config import get_cfg
+    prepare_shapes()
     from detectron2.utils.logger import setup_logger
     from tabulate import tabulate
 
-    from up2 import add_up2_config
     from up2.engine import UP2Trainer
 
     setup_logger(name="up2")
-    cfg = get_cfg()
-    add_up2_config(cfg)
     config_file = args.config_file or os.path.join(
         REPO, "configs", "tiny", ("joint_shapes" if args.joint else CONFIGS[args.task]) + ".yaml")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.SOLVER.MAX_ITER = args.iters
-    cfg.SOLVER.STEPS = (int(args.iters * 0.8),)
-    cfg.OUTPUT_DIR = args.output
+    cfg = shapes_config(config_file, args.iters, args.output, args.opts)
     cfg.UP2_PROGRESS_BAR = True
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
@@ -69,10 +93,7 @@ def main(argv=None):
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
-    results = UP2Trainer.test(cfg, trainer.model)
-    if len(cfg.TASKS) == 1:  # detectron2's single-task shape -> {task: {dataset: results}}
-        (name,), (spec,) = list(cfg.TASKS.keys()), list(cfg.TASKS.values())
-        results = {name: {spec.DATASETS.TEST[0]: results}}
+    results = per_task_results(cfg, UP2Trainer.test(cfg, trainer.model))
     rows = []
     for task, per_dataset in results.items():
         for dataset, res in per_dataset.items():

@@ -84,6 +84,11 @@ def test_labels_captions_corpus(shapes_root):
     for lab in labels["labels"]:
         anns = coco.loadAnns(coco.getAnnIds(imgIds=lab["image_id"]))
         assert lab["category_id"] == max(anns, key=lambda a: a["area"])["category_id"]
+        # the labelled shape dominates: its box side is at least 0.33 S, every other one's below 0.30 S
+        # (circumradius 0.24-0.30 S vs 0.07-0.14 S; the larger box side of a rotated polygon lies in [1.4 r, 2 r])
+        first, rest = anns[0], anns[1:]
+        assert first["category_id"] == lab["category_id"]
+        assert max(first["bbox"][2:]) >= 0.33 * 64 and all(max(a["bbox"][2:]) < 0.30 * 64 for a in rest)
         captions = [c["caption"] for c in caps.loadAnns(caps.getAnnIds(imgIds=lab["image_id"]))]
         assert len(captions) == 5 and len(set(captions)) == 5
         assert all(names[a["category_id"]] in captions[0] for a in anns)
@@ -119,6 +124,18 @@ def test_atomic_and_idempotent(tmp_path):
     with pytest.raises(ValueError, match="image_size"):
         generate_shapes_dataset(tmp_path / "t", num_train=1, num_val=1, image_size=8)
     assert not (tmp_path / "t").exists()
+
+
+def test_older_format_is_regenerated(tmp_path):
+    out = tmp_path / "s"
+    assert generate_shapes_dataset(out, num_train=2, num_val=1, image_size=32, seed=0)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": meta["format_version"] - 1}))
+    assert generate_shapes_dataset(out, num_train=2, num_val=1, image_size=32, seed=0)  # regenerated, no error
+    assert json.loads((out / "meta.json").read_text()) == meta
+    (out / "meta.json").write_text(json.dumps({**meta, "format_version": meta["format_version"] + 1}))
+    with pytest.raises(FileExistsError, match=str(out)):  # a newer format is not ours to replace
+        generate_shapes_dataset(out, num_train=2, num_val=1, image_size=32, seed=0)
 
 
 def test_cli(tmp_path, capsys):

@@ -6,12 +6,14 @@ every rank), its loader gives the batch, the loss is that task's loss, and TBGN 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from typing import Mapping
 
 import torch
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader
@@ -21,6 +23,7 @@ from up2.solver.tbgn import TBGN
 __all__ = ["MultiTaskStep"]
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_LOCALIZATION = ("detection", "instance_segmentation")
 
 
 class MultiTaskStep(SimpleTrainer):
@@ -71,17 +74,21 @@ class MultiTaskStep(SimpleTrainer):
         data_time = time.perf_counter() - start
 
         self.optimizer.zero_grad(set_to_none=True)
-        logged, total = {}, 0.0
-        for name, batch in batches.items():
-            loss_dict = self._forward(batch, name)
-            task_loss = sum(loss_dict.values())
-            total = total + (self.sampling[name] * task_loss if mixed else task_loss)
-            logged.update({f"{name}/{k}": v for k, v in loss_dict.items()})
+        logged = {}
+        names = list(batches)
+        for i, name in enumerate(names):
+            # Mixed: one forward + backward per task, gradients accumulate (= the backward of the
+            # s_k-weighted sum). DDP allows one forward per synchronised backward, so all but the
+            # last task run under no_sync(); the last backward all-reduces the accumulated grads.
+            last = i == len(names) - 1
+            sync = last or not hasattr(self.model, "no_sync")
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                loss_dict = self._forward(batches[name], name)
+                task_loss = sum(loss_dict.values())
+                loss = self.sampling[name] * task_loss if mixed else task_loss
+                (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+            logged.update({f"{name}/{k}": v.detach() for k, v in loss_dict.items()})
             self.task_counts[name] += 1
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-        else:
-            total.backward()
         self.after_backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
@@ -99,11 +106,29 @@ class MultiTaskStep(SimpleTrainer):
 
         self._write_metrics(logged, data_time)
         storage = get_event_storage()
+        if len(logged) == 1 and comm.is_main_process():
+            # detectron2 writes a lone loss only as total_loss (its rank average); keep the task's key too
+            (key,) = logged
+            storage.put_scalar(key, storage.history("total_loss").latest())
         storage.put_scalar("grad_norm", grad_norm, smoothing_hint=False)
         for name in batches:
             storage.put_scalar(f"task_count/{name}", self.task_counts[name], smoothing_hint=False)
+            if self.specs[name].type in _LOCALIZATION:
+                self._write_annotation_counts(name, batches[name], storage)
         model = self.model.module if hasattr(self.model, "module") else self.model
         storage.put_scalar("tau", float(model.likelihood.temperature.detach()), smoothing_hint=False)
+
+    @staticmethod
+    def _write_annotation_counts(name: str, batch, storage) -> None:
+        """Log ``<task>/gt_instances_min`` / ``_max``: ground-truth instances in one rank's batch
+        (int), min / max over ranks. A min of 0 with a max > 0 marks an iteration where a rank
+        trained on images without annotations while others had some (DESIGN §6: such a rank
+        must give the same loss keys). Called on every rank (one small gather)."""
+        n = sum(len(x["instances"]) for x in batch if isinstance(x, dict) and "instances" in x)
+        counts = comm.gather(n)
+        if comm.is_main_process():
+            storage.put_scalar(f"{name}/gt_instances_min", min(counts), smoothing_hint=False)
+            storage.put_scalar(f"{name}/gt_instances_max", max(counts), smoothing_hint=False)
 
     def state_dict(self):
         ret = super().state_dict()

@@ -207,7 +207,9 @@ class UP2Trainer(DefaultTrainer):
                 aspect_ratio_grouping=localization,
                 num_workers=cfg.DATALOADER.NUM_WORKERS,
             )
-        names = list(specs)
+        # canonical task order: the unmixed draw maps a uniform number to a task through this order,
+        # and YAML dumps (e.g. OUTPUT_DIR/config.yaml) sort keys, so config order must not matter
+        names = sorted(specs)
         ratios = [specs[n].sampling_ratio for n in names]
         mode = cfg.DATALOADER.TASK_SAMPLING
         if mode == "unmixed":

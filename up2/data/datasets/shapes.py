@@ -5,7 +5,9 @@ Shape shorthand: S image side in pixels.
 Layout written by :func:`generate_shapes_dataset` (CLI: ``datasets/prepare_shapes.py``)::
 
     <root>/meta.json                           generator parameters (used to skip up-to-date data)
-    <root>/{train,val}/NNNNNN.png              S x S RGB images, 1-4 non-overlapping shapes
+    <root>/{train,val}/NNNNNN.png              S x S RGB images, 1-4 non-overlapping shapes; the
+                                               first one dominates (circumradius 0.24-0.30 S, the
+                                               others 0.07-0.14 S)
     <root>/annotations/instances_{split}.json  COCO instances: polygons in pixels, NON-contiguous
                                                category ids (1, 3, 5, 7, 9), iscrowd 0
     <root>/annotations/labels_{split}.json     {"categories": [...], "labels": [{"image_id",
@@ -47,7 +49,9 @@ _COLORS = {
 _BACKGROUNDS = {"gray": 128, "dark": 30, "light": 225}
 _TEXTURES = ("plain", "noisy", "striped")
 _NUMBERS = ["zero", "one", "two", "three", "four"]
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the first shape dominates (circumradius 0.24-0.30 S, others 0.07-0.14 S)
+_DOMINANT_RADIUS = (0.24, 0.30)  # circumradius as a fraction of the image side S
+_OTHER_RADIUS = (0.07, 0.14)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, theta: float) -> np.ndarray:
@@ -97,9 +101,11 @@ def _render(rng: np.random.Generator, size: int):
     draw = ImageDraw.Draw(image)
 
     shapes = []
-    for _ in range(int(rng.integers(1, 5))):
+    for k in range(int(rng.integers(1, 5))):
         for _try in range(30):
-            r = float(rng.uniform(0.10, 0.22) * size)
+            # the first shape dominates (like the one object of an ImageNet photo), so the image
+            # label "largest shape" is visible at a glance; the others are clearly smaller
+            r = float(rng.uniform(*(_DOMINANT_RADIUS if k == 0 else _OTHER_RADIUS)) * size)
             cx, cy = (float(v) for v in rng.uniform(r + 1, size - r - 1, 2))
             if all(math.hypot(cx - s["cx"], cy - s["cy"]) >= r + s["r"] + 2 for s in shapes):
                 break
@@ -183,6 +189,20 @@ def _write_split(tmp: str, split: str, split_code: int, num: int, size: int, see
         f.write("\n".join(docs) + "\n")
 
 
+def _older_format_of(meta_file: str, meta: dict) -> bool:
+    """True when ``meta_file`` records the same parameters as ``meta`` but an older format version."""
+    try:
+        with open(meta_file, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(old, dict) or not isinstance(old.get("format_version"), int):
+        return False
+    same_params = {k: v for k, v in old.items() if k != "format_version"} == {
+        k: v for k, v in meta.items() if k != "format_version"}
+    return same_params and old["format_version"] < meta["format_version"]
+
+
 def generate_shapes_dataset(
     out: str, num_train: int = 2000, num_val: int = 200, image_size: int = 128, seed: int = 0, overwrite: bool = False
 ) -> bool:
@@ -203,7 +223,8 @@ def generate_shapes_dataset(
     Raises:
         ValueError: bad sizes/counts.
         FileExistsError: ``out`` exists, is not empty, is not shapes data of the same
-            parameters, and ``overwrite`` is False.
+            parameters, and ``overwrite`` is False. (Shapes data of the same parameters made by an
+            older format version is regenerated.)
     """
     if num_train < 1 or num_val < 0:
         raise ValueError(f"need num_train >= 1 and num_val >= 0, got {num_train}, {num_val}")
@@ -221,7 +242,10 @@ def generate_shapes_dataset(
             same = False
         if same:
             return False
-        raise FileExistsError(f"{out} exists and is not shapes data made with {meta}; pass overwrite=True (--overwrite)")
+        if _older_format_of(meta_file, meta):
+            overwrite = True  # our own output from an older generator: regenerate it in place
+        else:
+            raise FileExistsError(f"{out} exists and is not shapes data made with {meta}; pass overwrite=True (--overwrite)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
