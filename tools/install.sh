@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3}
 stamp="$VENV/.up2-installed"
-want="$(cat setup.py tools/install.sh | sha1sum | cut -c1-12)"
+want="$(cat setup.py tools/install.sh up2/layers/build_msda.py up2/layers/csrc/* | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -28,5 +28,13 @@ fi
 pip install -e ".[dev]"
 echo "install: note: pip may report that sal-detectron2 wants numpy<2 and black; that is its metadata only" \
      "(detectron2's code runs with numpy 2 here, as the test suite checks)"
+# Compiled CPU kernel of multi-scale deformable attention (optional: without a C++ compiler, or if
+# the build fails, up2 runs the pure-PyTorch path). Builds into build/msda/ once per kernel source.
+if command -v "${CXX:-c++}" >/dev/null 2>&1 && command -v ninja >/dev/null 2>&1; then
+  "$VENV/bin/python" -m up2.layers.build_msda 2> >(grep -v "No CUDA runtime is found" >&2) \
+    || echo "install: note: building the MSDA CPU kernel failed; the pure-PyTorch path will be used"
+else
+  echo "install: note: no C++ compiler or ninja; skipping the compiled MSDA CPU kernel (pure-PyTorch path is used)"
+fi
 echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 echo "install: .venv ready ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

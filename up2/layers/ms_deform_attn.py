@@ -12,47 +12,138 @@ where ``V_l^m`` is level l of the value of head m, sampled bilinearly at a norma
 location in [0, 1] (pixel centres at (i + 0.5) / size, zero outside the map), and ``A`` is
 softmax-normalised over (l, p).
 
-``ms_deform_attn_core`` is the single entry point of the op. Today it always runs the
-vectorised pure-PyTorch path (one ``F.grid_sample`` per level); ``fast_path_available()``
-is the place where a compiled CUDA/Triton kernel would be detected, and which path runs is
-logged once.
+``ms_deform_attn_core`` is the single entry point of the op. It runs one of two paths:
+
+* ``compiled``: a C++/ATen CPU kernel (``csrc/ms_deform_attn_cpu.cpp``, ``at::parallel_for``,
+  forward and backward), built by ``tools/install.sh`` (``python -m up2.layers.build_msda``)
+  when a C++ compiler is present. CPU tensors only; float32 / float64 (bf16 / fp16 inputs are
+  computed in float32 and the output cast back). ``fast_path_available()`` says whether it is
+  built and loads; nothing is compiled at import.
+* ``pytorch``: the vectorised pure-PyTorch reference (one ``F.grid_sample`` per level). It runs
+  for CUDA and other non-CPU tensors (no GPU kernel yet) and on CPU when the kernel is not
+  built.
+
+The environment variable ``UP2_MSDA_PATH`` = ``pytorch`` | ``compiled`` (default ``auto``)
+forces a path; forcing ``compiled`` where it cannot run raises. Which path runs is logged once
+per path and device type.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+import os
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-__all__ = ["ms_deform_attn_core", "ms_deform_attn_core_pytorch", "fast_path_available", "MSDeformAttn"]
+__all__ = [
+    "ms_deform_attn_core", "ms_deform_attn_core_pytorch", "fast_path_available", "MSDeformAttn", "PATH_ENV",
+]
 
 logger = logging.getLogger(__name__)
-_PATH_LOGGED = False
+
+PATH_ENV = "UP2_MSDA_PATH"
+_PATHS = ("auto", "pytorch", "compiled")
+_LOGGED: Set[Tuple[str, str]] = set()
+_COMPILED_LOADED = False
+_LOAD_ERROR: Optional[str] = None  # set once loading a built library failed (not retried)
 
 ShapesLike = Union[torch.Tensor, Sequence[Tuple[int, int]]]
 
 
+def _compiled_unavailable_reason() -> Optional[str]:
+    """None when ``torch.ops.up2_msda`` is loaded (loading it on first success), else why not."""
+    global _COMPILED_LOADED, _LOAD_ERROR
+    if _COMPILED_LOADED:
+        return None
+    if _LOAD_ERROR is not None:
+        return _LOAD_ERROR
+    from . import build_msda
+
+    try:
+        path = build_msda.library_path()
+    except OSError as e:  # the kernel sources are not installed next to this file
+        _LOAD_ERROR = f"kernel sources not found ({e})"
+        return _LOAD_ERROR
+    if not path.is_file():
+        # not cached: a build later in this process (tests, notebooks) is picked up
+        return f"not built ({path} is missing; run tools/install.sh or python -m up2.layers.build_msda)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:  # dlopen failure (e.g. built for another torch) / registration
+        _LOAD_ERROR = f"{path} failed to load: {e}"
+        return _LOAD_ERROR
+    _COMPILED_LOADED = True
+    return None
+
+
 def fast_path_available() -> bool:
-    """Whether a compiled (CUDA/Triton) kernel for the op can be used.
+    """Whether the compiled CPU kernel is built and loaded (``torch.ops.up2_msda``).
 
-    No compiled kernel ships with up2 yet, so this is always False and the pure-PyTorch
-    path runs on every device. A kernel added later is detected here (catching
-    ``ImportError`` only), not by a silent fallback inside the op.
+    Loads an already-built library on first call (never compiles); a failed load is logged by
+    ``ms_deform_attn_core`` when it falls back, and raised when ``UP2_MSDA_PATH=compiled``.
+    The kernel is CPU only: CUDA tensors always take the pure-PyTorch path.
     """
-    return False
+    return _compiled_unavailable_reason() is None
 
 
-def _log_path_once() -> None:
-    global _PATH_LOGGED
-    if not _PATH_LOGGED:
-        _PATH_LOGGED = True
-        logger.info(
-            "MSDeformAttn: using the %s path.",
-            "compiled" if fast_path_available() else "pure-PyTorch (F.grid_sample, one call per level)",
+def _select_path(device: torch.device) -> str:
+    """``"compiled"`` or ``"pytorch"`` for tensors on ``device``, honouring ``UP2_MSDA_PATH``.
+
+    Raises:
+        ValueError: if ``UP2_MSDA_PATH`` is not one of auto / pytorch / compiled.
+        RuntimeError: if ``UP2_MSDA_PATH=compiled`` but the kernel is not available or the
+            tensors are not on the CPU.
+    """
+    forced = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if forced not in _PATHS:
+        raise ValueError(f"{PATH_ENV} must be one of {', '.join(_PATHS)}, got {os.environ.get(PATH_ENV)!r}")
+    if forced == "pytorch":
+        path = "pytorch"
+    elif device.type != "cpu":
+        if forced == "compiled":
+            raise RuntimeError(f"{PATH_ENV}=compiled, but the compiled MSDA kernel is CPU only (tensors on {device})")
+        path = "pytorch"
+    else:
+        reason = _compiled_unavailable_reason()
+        if reason is not None and forced == "compiled":
+            raise RuntimeError(f"{PATH_ENV}=compiled, but the compiled MSDA CPU kernel is unavailable: {reason}")
+        path = "pytorch" if reason is not None else "compiled"
+    if (path, device.type) not in _LOGGED:
+        _LOGGED.add((path, device.type))
+        if path == "compiled":
+            detail = "compiled C++ CPU kernel"
+        elif forced == "pytorch":
+            detail = f"pure-PyTorch (F.grid_sample per level), forced by {PATH_ENV}"
+        elif device.type != "cpu":
+            detail = f"pure-PyTorch (F.grid_sample per level): no compiled kernel for {device.type}"
+        else:
+            detail = f"pure-PyTorch (F.grid_sample per level): compiled kernel {_compiled_unavailable_reason()}"
+        logger.info("MSDeformAttn on %s: using the %s path.", device.type, detail)
+    return path
+
+
+class _CompiledMSDA(torch.autograd.Function):
+    """autograd wrapper of ``torch.ops.up2_msda.forward`` / ``backward`` (float32 / float64, CPU)."""
+
+    @staticmethod
+    def forward(ctx, value, shapes_t, sampling_locations, attention_weights):
+        value, sampling_locations, attention_weights = (
+            t.contiguous() for t in (value, sampling_locations, attention_weights)
         )
+        ctx.save_for_backward(value, shapes_t, sampling_locations, attention_weights)
+        return torch.ops.up2_msda.forward(value, shapes_t, sampling_locations, attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, shapes_t, loc, attn = ctx.saved_tensors
+        g_value, g_loc, g_attn = torch.ops.up2_msda.backward(grad_out.contiguous(), value, shapes_t, loc, attn)
+        need = ctx.needs_input_grad
+        return (g_value if need[0] else None, None, g_loc if need[2] else None, g_attn if need[3] else None)
 
 
 def _shapes_as_list(spatial_shapes: ShapesLike) -> List[Tuple[int, int]]:
@@ -151,22 +242,35 @@ def ms_deform_attn_core(
     Dtypes: the three float inputs are cast to their promoted dtype (e.g. float32 when
     ``value`` is bf16 but the locations are float32, so locations keep their precision) and
     the op runs with autocast disabled, so it never fails on mixed dtypes under
-    ``torch.autocast``.
+    ``torch.autocast``. The compiled path computes bf16 / fp16 in float32; the output is cast
+    back to ``value``'s dtype on both paths.
+
+    Path: the compiled CPU kernel for CPU tensors when built, else pure PyTorch (see the module
+    docstring and ``UP2_MSDA_PATH``); both give the same values and gradients up to rounding.
 
     Raises:
         ValueError: on any shape mismatch (S != sum h*w, wrong ranks, N/M/L/P disagreement,
-            level_start_index inconsistent with spatial_shapes).
+            level_start_index inconsistent with spatial_shapes), or a bad ``UP2_MSDA_PATH``.
+        RuntimeError: if ``UP2_MSDA_PATH=compiled`` and the compiled kernel cannot run.
     """
     shapes = _shapes_as_list(spatial_shapes)
     _check_core_inputs(value, shapes, level_start_index, sampling_locations, attention_weights)
-    _log_path_once()
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
     if not dtype.is_floating_point:
         raise ValueError(f"value / sampling_locations / attention_weights must be floating point, got {dtype}")
+    path = _select_path(value.device)
     with torch.autocast(device_type=value.device.type, enabled=False):
-        out = ms_deform_attn_core_pytorch(
-            value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype)
-        )
+        if path == "compiled":
+            if dtype not in (torch.float32, torch.float64):
+                dtype = torch.float32
+            shapes_t = torch.tensor(shapes, dtype=torch.int64)
+            out = _CompiledMSDA.apply(
+                value.to(dtype), shapes_t, sampling_locations.to(dtype), attention_weights.to(dtype)
+            )
+        else:
+            out = ms_deform_attn_core_pytorch(
+                value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype)
+            )
     return out.to(value.dtype)
 
 
