@@ -1,21 +1,30 @@
-"""GeneralistPredictor: every task of one trained UP2 checkpoint on user images and texts.
+"""GeneralistPredictor: every task of one trained UP2 checkpoint on user images and texts;
+BatchPredictor: detectron2's DefaultPredictor for a list of images.
 
-Shape shorthand: C class names, I images, J texts, d width.
+Shape shorthand: C class names, I images, J texts, d width, B images per batch.
 
     from up2.predictor import GeneralistPredictor
     p = GeneralistPredictor.from_config_file("configs/tiny/joint_shapes.yaml", "output/model_final.pth")
     p.detect("photo.jpg", class_names=["cat", "dog"])      # Instances in image pixels
+    p.detect(["a.jpg", "b.jpg"], batch_size=8)             # [Instances, Instances], in input order
     p.classify("photo.jpg", ["circle", "square"])          # {"scores": (C,), "label": str}
     p.caption("photo.jpg", beam_size=3)                    # str
     p.retrieve(["a.jpg", "b.jpg"], ["a red circle", "two stars"])  # (I, J) similarity
 
-Images are file paths (any mode, EXIF honoured; errors name the file) or arrays (H, W, 3) BGR
-uint8 as detectron2's DefaultPredictor takes, (H, W) grayscale or (H, W, 4). Class names given
-at call time replace the training classes (open vocabulary).
+Images are file paths (any mode, EXIF honoured; errors name the file), PIL images, or arrays
+(H, W, 3) BGR uint8 as detectron2's DefaultPredictor takes, (H, W) grayscale or (H, W, 4).
+Class names given at call time replace the training classes (open vocabulary).
+
+Batching: a list of images runs in chunks of ``batch_size`` consecutive images; inside a chunk,
+images whose padded size (resized size rounded up to the model's size divisibility) is the same
+run as one batch. Each image is therefore padded exactly as it would be alone, so a batched
+result equals the one-image result (up to float rounding of batched kernels); a chunk of images
+of different padded sizes runs as several smaller batches.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,19 +32,83 @@ import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from PIL import Image
 
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.tasks.retrieval import RetrievalTask
 
-__all__ = ["GeneralistPredictor"]
+__all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]
 
-ImageLike = Union[str, np.ndarray]
+ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
+ImagesLike = Union[ImageLike, Sequence[ImageLike]]
+
+
+def group_by_padded_size(sizes: Sequence[Tuple[int, int]], divisibility: int) -> List[List[int]]:
+    """Indices of ``sizes`` grouped by padded size, groups in order of first appearance.
+
+    Args:
+        sizes: (h, w) of each image after resizing, pixels.
+        divisibility: the model pads each side up to a multiple of this (<= 1: no rounding).
+
+    Returns:
+        list of index lists; indices ascend inside a group and every index appears once.
+    """
+    d = max(int(divisibility), 1)
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault((-(-int(h) // d) * d, -(-int(w) // d) * d), []).append(i)
+    return list(groups.values())
+
+
+def _size_divisibility(model) -> int:
+    """The padding multiple of a detectron2 model (UniPerceiverV2, GeneralizedRCNN, ...)."""
+    d = getattr(model, "size_divisibility", None)
+    if d is None:
+        d = getattr(getattr(model, "backbone", None), "size_divisibility", 0)
+    return int(d or 0)
+
+
+def _run_batched(inputs_fn: Callable[[int], dict], n: int, batch_size: int, divisibility: int,
+                 call: Callable[[List[dict]], list]) -> list:
+    """Results of ``call`` for inputs 0..n-1, in order (module docstring: how batches form).
+
+    Args:
+        inputs_fn: index -> model input dict with "image" (3, H, W) (built lazily, one chunk at a time).
+        call: list of B input dicts -> list of B per-image results.
+
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    results: list = [None] * n
+    for start in range(0, n, batch_size):
+        chunk = [inputs_fn(i) for i in range(start, min(start + batch_size, n))]
+        for group in group_by_padded_size([tuple(x["image"].shape[-2:]) for x in chunk], divisibility):
+            outs = call([chunk[i] for i in group])
+            for i, out in zip(group, outs):
+                results[start + i] = out
+    return results
+
+
+def _as_list(images: ImagesLike, what: str = "images") -> Tuple[list, bool]:
+    """(list of images, True when a single image was given)."""
+    if isinstance(images, (str, bytes, os.PathLike, np.ndarray, Image.Image)):
+        return [images], True
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError(f"{what}: got an empty list; give at least one image")
+        return list(images), False
+    raise TypeError(f"{what} must be an image (path, numpy array, PIL image) or a list of them, "
+                    f"got {type(images).__name__}")
 
 
 class GeneralistPredictor:
-    """Wraps a UniPerceiverV2 in eval mode; each method runs one task (by task type)."""
+    """Wraps a UniPerceiverV2 in eval mode; each method runs one task (by task type) on one
+    image or a list of images (batched, results in input order)."""
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
@@ -63,58 +136,80 @@ class GeneralistPredictor:
         raise KeyError(f"this model's config has no task of type {types}; configured: "
                        f"{ {n: t.spec.type for n, t in self.model.tasks.items()} }")
 
-    def _input(self, image: ImageLike) -> dict:
+    def _input(self, image: ImageLike, index: Optional[int] = None) -> dict:
+        """One model input: {"image": (3, h, w) uint8 resized (channels per cfg.INPUT.FORMAT),
+        "height": H, "width": W (original pixels)}."""
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             rgb = read_image(image, format="RGB")
-        elif isinstance(image, np.ndarray):
+        elif isinstance(image, (np.ndarray, Image.Image)):
             rgb = to_rgb_array(image, format="RGB", input_format="BGR")
         else:
-            raise TypeError(f"image must be a path or a numpy array, got {type(image).__name__}")
+            where = "image" if index is None else f"images[{index}]"
+            raise TypeError(f"{where} must be a path, a numpy array or a PIL image, got {type(image).__name__}")
         h, w = rgb.shape[:2]
         arr = rgb if self.input_format == "RGB" else rgb[:, :, ::-1]
         arr = self.resize.get_transform(arr).apply_image(arr)
         return {"image": torch.as_tensor(np.ascontiguousarray(arr.transpose(2, 0, 1))), "height": h, "width": w}
 
+    def _map(self, images: ImagesLike, batch_size: int, call: Callable[[List[dict]], list]):
+        """Run ``call`` over one image (-> one result) or a list (-> list, in input order)."""
+        items, single = _as_list(images)
+        out = _run_batched(lambda i: self._input(items[i], None if single else i), len(items), batch_size,
+                           _size_divisibility(self.model), call)
+        return out[0] if single else out
+
     # ------------------------------------------------------------------ tasks
     @torch.no_grad()
-    def detect(self, image: ImageLike, class_names: Optional[Sequence[str]] = None):
+    def detect(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
         """Detections (detectron2 ``Instances`` in input-image pixels: pred_boxes, scores, pred_classes,
-        and pred_masks when the task is instance segmentation). ``class_names`` (optional) replaces
-        the training classes. Raises ValueError for an empty ``class_names``."""
-        name = self._task("detection", "instance_segmentation")
-        return self.model([self._input(image)], task=name, class_names=class_names)[0]["instances"]
-
-    @torch.no_grad()
-    def segment(self, image: ImageLike, class_names: Optional[Sequence[str]] = None):
-        """As :meth:`detect`, from an instance-segmentation task (masks included)."""
-        name = self._task("instance_segmentation")
-        return self.model([self._input(image)], task=name, class_names=class_names)[0]["instances"]
-
-    @torch.no_grad()
-    def classify(self, image: ImageLike, class_names: Sequence[str]) -> dict:
-        """{"scores": (C,) float32 probabilities over ``class_names``, "label": best name}.
+        and pred_masks when the task is instance segmentation), one per image (a list for a
+        list of images). ``class_names`` (optional) replaces the training classes.
 
         Raises:
-            ValueError: empty ``class_names``.
+            ValueError: an empty ``class_names`` or list of images, ``batch_size`` < 1.
+        """
+        name = self._task("detection", "instance_segmentation")
+        return self._map(images, batch_size,
+                         lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
+
+    @torch.no_grad()
+    def segment(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
+        """As :meth:`detect`, from an instance-segmentation task (masks included)."""
+        name = self._task("instance_segmentation")
+        return self._map(images, batch_size,
+                         lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
+
+    @torch.no_grad()
+    def classify(self, images: ImagesLike, class_names: Sequence[str], batch_size: int = 8):
+        """{"scores": (C,) float32 probabilities over ``class_names``, "label": best name} per
+        image (a list for a list of images).
+
+        Raises:
+            ValueError: empty ``class_names`` or list of images, ``batch_size`` < 1.
         """
         if class_names is None or len(class_names) == 0:
             raise ValueError("classify needs a non-empty list of class_names")
+        names = list(class_names)
         name = self._task("classification")
-        out = self.model([self._input(image)], task=name, class_names=list(class_names))[0]
-        return {"scores": out["pred_class_scores"], "label": class_names[out["pred_class"]]}
+        return self._map(images, batch_size, lambda xs: [
+            {"scores": o["pred_class_scores"], "label": names[o["pred_class"]]}
+            for o in self.model(xs, task=name, class_names=names)])
 
     @torch.no_grad()
-    def caption(self, image: ImageLike, beam_size: Optional[int] = None, max_length: Optional[int] = None) -> str:
-        """A caption by beam search (beam 1 = greedy)."""
+    def caption(self, images: ImagesLike, beam_size: Optional[int] = None, max_length: Optional[int] = None,
+                batch_size: int = 8):
+        """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images)."""
         name = self._task("captioning")
-        return self.model([self._input(image)], task=name, beam_size=beam_size, max_length=max_length)[0]["caption"]
+        return self._map(images, batch_size, lambda xs: [
+            o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length)])
 
     @torch.no_grad()
-    def retrieve(self, images: Sequence[ImageLike], texts: Sequence[str]) -> torch.Tensor:
-        """(I, J) float32 cosine similarity between images and texts (paper Eq. 6 without tau).
+    def retrieve(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """(I, J) float32 cosine similarity between images and texts (paper Eq. 6 without tau);
+        images are embedded in batches of ``batch_size``.
 
         Raises:
-            ValueError: no images or no texts, or an empty text.
+            ValueError: no images or no texts, an empty text, ``batch_size`` < 1.
         """
         if len(images) == 0 or len(texts) == 0:
             raise ValueError("retrieve needs at least one image and one text")
@@ -122,7 +217,59 @@ class GeneralistPredictor:
             raise ValueError("retrieve: texts must not be empty strings")
         name = self._task("retrieval")
         task: RetrievalTask = self.model.tasks[name]
-        enc = self.model.encode_image([self._input(im) for im in images], task.family)
-        img = self.model.unified_decoder(enc.tokens.batch)[:, 0]
+
+        def embed(xs):
+            enc = self.model.encode_image(xs, task.family)
+            return list(self.model.unified_decoder(enc.tokens.batch)[:, 0])
+
+        img = torch.stack(self._map(list(images), batch_size, embed))
         txt = task.encode_texts(self.model, list(texts))
         return F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
+
+
+class BatchPredictor(DefaultPredictor):
+    """detectron2's ``DefaultPredictor`` for a list of images: same model building, checkpoint
+    loading (cfg.MODEL.WEIGHTS), BGR input convention and ResizeShortestEdge test resizing,
+    per image; the images run in batches (module docstring) and the outputs come back in order.
+
+    ``predictor(images)`` with a list of (H, W, C) BGR uint8 arrays returns a list of the
+    model's per-image output dicts (e.g. {"instances": Instances in original pixels}); a single
+    array returns a single dict, as DefaultPredictor does. Keyword arguments are passed to the
+    model (for UniPerceiverV2: ``task=``, ``class_names=``, ...).
+
+    Args:
+        cfg: a detectron2 config (any meta-architecture taking detectron2 input dicts).
+        batch_size: images per chunk (>= 1).
+    """
+
+    def __init__(self, cfg, batch_size: int = 8):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(cfg)
+        self.batch_size = int(batch_size)
+
+    def preprocess(self, original_image: np.ndarray, index: int = 0) -> dict:
+        """DefaultPredictor's preprocessing of one BGR image -> {"image": (C, h, w) float32,
+        "height": H, "width": W}.
+
+        Raises:
+            ValueError: not a (H, W, C) numpy array.
+        """
+        if not isinstance(original_image, np.ndarray) or original_image.ndim != 3:
+            got = original_image.shape if isinstance(original_image, np.ndarray) else type(original_image).__name__
+            raise ValueError(f"images[{index}] must be a (H, W, C) BGR numpy array, got {got}")
+        if self.input_format == "RGB":
+            original_image = original_image[:, :, ::-1]
+        height, width = original_image.shape[:2]
+        image = self.aug.get_transform(original_image).apply_image(original_image)
+        return {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), "height": height, "width": width}
+
+    def __call__(self, original_images, **model_kwargs):
+        single = isinstance(original_images, np.ndarray)
+        images = [original_images] if single else list(original_images)
+        if not images:
+            raise ValueError("BatchPredictor: got an empty list of images")
+        with torch.no_grad():
+            out = _run_batched(lambda i: self.preprocess(images[i], i), len(images), self.batch_size,
+                               _size_divisibility(self.model), lambda xs: self.model(xs, **model_kwargs))
+        return out[0] if single else out
