@@ -48,8 +48,16 @@ def test_shapes_and_ranges():
     out = dec(_enc())
     assert len(out.layers) == 3 and out.dn_layers is None and out.denoising is None
     for p in [out.interm] + out.layers:
-        assert p.objectness.shape == (2, 6) and p.boxes.shape == (2, 6, 4) and p.masks.shape == (2, 6, HM, HM)
+        assert p.objectness.shape == (2, 6) and p.boxes.shape == (2, 6, 4)
         assert bool(((p.boxes >= 0) & (p.boxes <= 1)).all())
+    # inference without targets: only the last layer's masks (and the selection stage's) are computed
+    assert out.interm.masks.shape == (2, 6, HM, HM) and out.layers[-1].masks.shape == (2, 6, HM, HM)
+    assert all(p.masks is None for p in out.layers[:-1])
+    # with targets every layer has masks (for the losses), and the last layer is the same
+    full = dec(_enc(), GT)
+    assert all(p.masks.shape == (2, 6, HM, HM) for p in full.layers)
+    for name in ("objectness", "boxes", "masks"):
+        torch.testing.assert_close(getattr(full.layers[-1], name), getattr(out.layers[-1], name), rtol=0, atol=0)
     assert out.query_features.shape == (2, 6, D)
     # final LayerNorm: zero mean, unit variance per query (default affine init)
     torch.testing.assert_close(out.query_features.mean(-1), torch.zeros(2, 6), atol=1e-5, rtol=0)

@@ -74,12 +74,13 @@ class ProposalPredictions:
     Attributes:
         objectness: (N, Q) float foreground logits.
         boxes: (N, Q, 4) float, normalised cxcywh in (0, 1).
-        masks: (N, Q, Hm, Wm) float mask logits.
+        masks: (N, Q, Hm, Wm) float mask logits; None for the intermediate layers when the
+            decoder runs without targets, where nothing reads them (see ``ProposalDecoder.forward``).
     """
 
     objectness: torch.Tensor
     boxes: torch.Tensor
-    masks: torch.Tensor
+    masks: Optional[torch.Tensor]
 
 
 @dataclass
@@ -259,12 +260,15 @@ class ProposalDecoder(nn.Module):
         boxes: torch.Tensor,
         mask_features: torch.Tensor,
         objectness: Optional[torch.Tensor] = None,
+        with_masks: bool = True,
     ) -> ProposalPredictions:
         """Shared heads. queries (N, X, D) un-normalised, boxes (N, X, 4) normalised cxcywh,
         mask_features (N, D, Hm, Wm); ``objectness`` (N, X) replaces the objectness head when
-        given. Returns ProposalPredictions."""
+        given; ``with_masks=False`` skips the mask head (masks None). Returns ProposalPredictions."""
         normed = self.decoder_norm(queries)
-        masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(normed), mask_features)
+        masks = None
+        if with_masks:
+            masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(normed), mask_features)
         if objectness is None:
             objectness = self.objectness_head(normed)[..., 0]
         return ProposalPredictions(objectness, boxes, masks)
@@ -328,6 +332,8 @@ class ProposalDecoder(nn.Module):
             enc: the pixel decoder's output (memory (N, S, D), mask_features (N, D, Hm, Wm), ...).
             gt_boxes: in training, N tensors (K_i, 4) normalised cxcywh to build denoising queries
                 from (ignored when ``dn_num`` is 0 or the module is in eval mode); None otherwise.
+                With targets every layer predicts masks (the losses need them); without, only the
+                last layer does (the others' ``masks`` are None).
 
         Returns:
             ProposalDecoderOutput (interm, ``num_layers + 1`` predictions, q^sem, denoising).
@@ -353,18 +359,24 @@ class ProposalDecoder(nn.Module):
         t = 0 if dn is None else dn.num_queries
 
         tgt = content
-        stages = [self.predict(tgt, ref_boxes, enc.mask_features)]
-        for layer in self.layers:
+        # Intermediate layers' masks feed only the losses: without targets (inference, and the
+        # image-level tasks in training) only the last layer's masks are computed (each skipped
+        # layer saves a Q x D x Hm x Wm product).
+        all_masks = gt_boxes is not None
+        stages = [self.predict(tgt, ref_boxes, enc.mask_features, with_masks=all_masks or not self.layers)]
+        for i, layer in enumerate(self.layers):
             pos = self.ref_point_head(box_sine_encoding(ref_boxes, 2 * self.hidden_dim))
             refs = ref_boxes[:, :, None].expand(-1, -1, self.num_levels, -1)
             tgt = layer(tgt, pos, refs, enc.memory, enc.spatial_shapes, enc.level_start_index, enc.padding_mask,
                         attn_mask, key_padding_mask)
             new_boxes = (self.box_head(tgt) + inverse_sigmoid(ref_boxes)).sigmoid()
-            stages.append(self.predict(tgt, new_boxes, enc.mask_features))
+            last = i == len(self.layers) - 1
+            stages.append(self.predict(tgt, new_boxes, enc.mask_features, with_masks=all_masks or last))
             ref_boxes = new_boxes.detach()
 
         def split(p: ProposalPredictions, part: slice) -> ProposalPredictions:
-            return ProposalPredictions(p.objectness[:, part], p.boxes[:, part], p.masks[:, part])
+            masks = None if p.masks is None else p.masks[:, part]
+            return ProposalPredictions(p.objectness[:, part], p.boxes[:, part], masks)
 
         matching = [split(p, slice(t, None)) for p in stages]
         dn_layers = [split(p, slice(0, t)) for p in stages] if dn is not None else None
