@@ -3,11 +3,9 @@ task (all but the last under ``no_sync``), and the synchronised step equals a si
 step on the rank-averaged, s_k-weighted sum of the task losses -- also for parameters that only
 an earlier (unsynchronised) task uses."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from detectron2.utils.events import EventStorage
 from torch import nn
 
@@ -63,13 +61,8 @@ def _worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
-def test_mixed_step_under_ddp_equals_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
-    ddp = torch.load(out)
+def test_mixed_step_under_ddp_equals_single_process(run_two_gloo_processes):
+    ddp = run_two_gloo_processes(_worker)
 
     ref = Toy()
     total = sum(RATIOS[n] / sum(RATIOS.values()) * ref(_data(r, n), n)["loss"] for r in (0, 1) for n in RATIOS) / 2

@@ -1,11 +1,9 @@
 """Gather Feature (paper §4.4): with 2 gloo processes the retrieval loss and the DDP-averaged
 gradients equal a single-process run on the concatenated batch."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.tasks.retrieval import retrieval_loss
@@ -39,13 +37,8 @@ def _worker(rank, port, out_path):
     dist.destroy_process_group()
 
 
-def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
-    ddp = torch.load(out)
+def test_gathered_loss_and_gradients_equal_single_process(run_two_gloo_processes):
+    ddp = run_two_gloo_processes(_worker)
 
     proj, lik, x_img, x_txt = _setup()
     loss = retrieval_loss(proj(x_img), proj(x_txt), lik, gather=False)
