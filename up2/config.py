@@ -96,6 +96,13 @@ def add_up2_config(cfg: CN) -> None:
     cfg.SOLVER.TBGN_NORMALIZE = True  # TBGN's gradient normalisation (paper §4.4); False for the ablation
     cfg.SOLVER.AMP.DTYPE = "bfloat16"  # autocast dtype when SOLVER.AMP.ENABLED ("bfloat16" | "float16")
 
+    # ---- Inference precision (ours) ------------------------------------------------------
+    # Eval-mode forwards (DefaultPredictor, evaluators, GeneralistPredictor) under autocast;
+    # results are returned in float32. bf16 pays off on CPUs with AMX / AVX512-BF16 and on GPUs.
+    cfg.TEST.AMP = CN()
+    cfg.TEST.AMP.ENABLED = False
+    cfg.TEST.AMP.DTYPE = "bfloat16"  # "bfloat16" | "float16"
+
     # ---- Multi-task sampling (paper §4.4) ----------------------------------------------
     cfg.DATALOADER.TASK_SAMPLING = "unmixed"  # one task per iteration on all ranks (paper); "mixed" = ablation
     cfg.DATALOADER.TASK_SAMPLER_SEED = 0  # the draw of iteration t depends only on (seed, t): same on every rank

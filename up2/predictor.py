@@ -222,8 +222,9 @@ class GeneralistPredictor:
             enc = self.model.encode_image(xs, task.family)
             return list(self.model.unified_decoder(enc.tokens.batch)[:, 0])
 
-        img = torch.stack(self._map(list(images), batch_size, embed))
-        txt = task.encode_texts(self.model, list(texts))
+        with self.model.inference_autocast():
+            img = torch.stack(self._map(list(images), batch_size, embed))
+            txt = task.encode_texts(self.model, list(texts))
         return F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
 
 

@@ -59,6 +59,13 @@ from torch import nn  # noqa: E402
 ROBERTA_BASE_VOCAB = 50265
 UP2_ROWS = ("det", "image", "cls", "caption", "retrieval")
 PEER_ROWS = ("maskrcnn", "mask2former")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def autocast(device: str, precision: str):
+    """Autocast context of one precision ("fp32": disabled)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------- set-up
@@ -269,9 +276,9 @@ def measure(fns, device: str, warmups, repeats: int) -> list:
              "peak_mib": max(mem[i][warmups[i]:]), "first_peak_mib": mem[i][0]} for i in range(len(fns))]
 
 
-def gemm_peak(device: str, n: int, repeats: int = 5) -> float:
-    """fp32 GEMM GFLOP/s: best of ``repeats`` (n x n) @ (n x n) products, 2 n^3 flops each."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gemm_peak(device: str, n: int, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """GEMM GFLOP/s in ``dtype``: best of ``repeats`` (n x n) @ (n x n) products, 2 n^3 flops each."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):
@@ -475,9 +482,20 @@ def profile_up2(model, task: str, inputs, device: str, repeats: int, cold: bool)
 
 
 # ---------------------------------------------------------------------------------- rows
-def up2_rows(model, seg_task: str, size, args, names, first_size: bool) -> list:
-    """Timed rows of up2 at one input size. At the first size the classification and
-    captioning target sets are not cached yet, so their first calls are the uncached ones."""
+def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precision: str = "fp32") -> list:
+    """Timed rows of up2 at one input size and precision (the model's ``inference_amp``: every
+    forward under autocast, results in float32). At the first size the classification and
+    captioning target sets of this precision are not cached yet, so their first calls are the
+    uncached ones. fvcore counts only at fp32 (the table reuses them for bf16 rows)."""
+    previous = model.inference_amp
+    model.inference_amp = PRECISIONS[precision]
+    try:
+        return _up2_rows(model, seg_task, size, args, names, first_size, precision)
+    finally:
+        model.inference_amp = previous
+
+
+def _up2_rows(model, seg_task, size, args, names, first_size, precision) -> list:
     from up2.modeling.token_attributes import TaskFamily
 
     h, w = size
@@ -489,8 +507,9 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool) -> list:
     vocab_size = len(cap.vocabulary(model.text_encoder).resolve(model.text_encoder))
 
     def image_only(inputs, family=TaskFamily.CLASSIFICATION):
-        enc = model.encode_image(inputs, family)
-        return model.unified_decoder(enc.tokens.batch)
+        with model.inference_autocast():
+            enc = model.encode_image(inputs, family)
+            return model.unified_decoder(enc.tokens.batch)
 
     last_caption = []
 
@@ -498,12 +517,14 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool) -> list:
         last_caption[:] = model(one, task="SPEED_CAP", beam_size=1, max_length=args.caption_length)
 
     rows = []
+    count = args.flops and precision == "fp32"
 
     def finish(key, label, r, flop_fn=None, per=1, flops=None):
-        r.update(model="up2", key=key, label=label, size=f"{h}x{w}", s_per_img=r["median_s"] / per, batch=per)
+        r.update(model="up2", key=key, label=label, size=f"{h}x{w}", s_per_img=r["median_s"] / per, batch=per,
+                 precision=precision)
         if flops is not None:
             r["flops"] = flops
-        elif args.flops and flop_fn is not None:
+        elif count and flop_fn is not None:
             r["flops"] = count_flops(Call(model, flop_fn), (one,), True)
         rows.append(r)
         return r
@@ -554,7 +575,7 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool) -> list:
             c = add("caption", f"up2 greedy captioning (beam 1, {args.caption_length} tokens, vocabulary "
                     f"{args.caption_vocab}: {vocab_size:,} tokens)", caption, warmup=max(args.warmup, 1))
             c["generated_tokens"] = len(last_caption[0]["caption_ids"])
-            if args.flops:
+            if count:
                 c["flops"] = count_flops_dispatch(model, caption)
         finally:
             hook.remove()
@@ -567,13 +588,15 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool) -> list:
     return rows
 
 
-def peer_rows(peers: dict, size, args) -> list:
+def peer_rows(peers: dict, size, args, precision: str = "fp32") -> list:
+    """Timed rows of the peers at one size, under autocast for bf16 (fvcore counts at fp32 only)."""
     h, w = size
     rows = []
     x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h + w))
     for key, (label, model, note) in peers.items():
         if model is None:
-            rows.append({"model": key, "key": key, "label": label, "size": f"{h}x{w}", "s_per_img": None, "note": note})
+            rows.append({"model": key, "key": key, "label": label, "size": f"{h}x{w}", "s_per_img": None, "note": note,
+                         "precision": precision})
             continue
         print(f"  {label} ...", flush=True)
         if key == "maskrcnn":
@@ -584,10 +607,16 @@ def peer_rows(peers: dict, size, args) -> list:
             pix = ((x.float() / 255 - 0.45) / 0.225)[None].to(args.device)
             fn, flop_fn, d2 = (lambda: model(pix)), (lambda p: model(p, postprocess=False)), False
             flop_inputs = (pix,)
-        with torch.inference_mode():
-            r = measure([fn], args.device, [args.warmup], args.repeats)[0]
-        r.update(model=key, key=key, label=label, size=f"{h}x{w}", s_per_img=r["median_s"], batch=1, note=note)
-        if args.flops:
+        try:
+            with torch.inference_mode(), autocast(args.device, precision):
+                r = measure([fn], args.device, [args.warmup], args.repeats)[0]
+        except RuntimeError as e:  # e.g. an op without a kernel for this dtype
+            rows.append({"model": key, "key": key, "label": label, "size": f"{h}x{w}", "s_per_img": None,
+                         "note": f"could not run in {precision}: {e}".splitlines()[0], "precision": precision})
+            continue
+        r.update(model=key, key=key, label=label, size=f"{h}x{w}", s_per_img=r["median_s"], batch=1, note=note,
+                 precision=precision)
+        if args.flops and precision == "fp32":
             r["flops"] = count_flops(Call(model, flop_fn), flop_inputs, d2)
         rows.append(r)
     return rows
@@ -615,25 +644,27 @@ def _fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
 
-def table(rows, peak: float):
-    """Rows as a list of lists + headers (see the module docstring for the columns)."""
-    by = {(r["key"], r["size"]): r for r in rows}
-    headers = ["size", "task / model", "s/img", "/Mask R-CNN", "/Mask2Former", "GFLOPs", "GFLOP/s", "% GEMM peak",
-               "peak MiB"]
+def table(rows, peaks: dict):
+    """Rows as a list of lists + headers (see the module docstring for the columns). Ratios
+    compare with the peer at the same size and precision; ``peaks``: GEMM GFLOP/s per precision."""
+    by = {(r["key"], r["size"], r.get("precision", "fp32")): r for r in rows}
+    headers = ["size", "precision", "task / model", "s/img", "/Mask R-CNN", "/Mask2Former", "GFLOPs", "GFLOP/s",
+               "% GEMM peak", "peak MiB"]
     out = []
     for r in rows:
-        s = r.get("s_per_img")
+        s, prec = r.get("s_per_img"), r.get("precision", "fp32")
         ratios = []
         for peer in PEER_ROWS:
-            p = by.get((peer, r["size"]), {}).get("s_per_img")
+            p = by.get((peer, r["size"], prec), {}).get("s_per_img")
             ratios.append(s / p if (s and p) else None)
-        f = r.get("flops") or {}
+        f = r.get("flops") or by.get((r["key"], r["size"], "fp32"), {}).get("flops") or {}
         gf = f.get("gflops")
         rate = 2 * gf / s if (gf and s) else None
+        peak = peaks.get(prec)
         label = r["label"] + (f" [{r['note']}]" if r.get("note") and s is None else "")
-        out.append([r["size"], label, _fmt(s, ".3f"), _fmt(ratios[0], ".2f"), _fmt(ratios[1], ".2f"),
+        out.append([r["size"], prec, label, _fmt(s, ".3f"), _fmt(ratios[0], ".2f"), _fmt(ratios[1], ".2f"),
                     _fmt(gf, ".1f") if "error" not in f else "trace failed", _fmt(rate, ".1f"),
-                    _fmt(rate / peak * 100 if rate else None, ".0f"), _fmt(r.get("peak_mib"), ".0f")])
+                    _fmt(rate / peak * 100 if (rate and peak) else None, ".0f"), _fmt(r.get("peak_mib"), ".0f")])
     return headers, out
 
 
@@ -676,6 +707,8 @@ def main(argv=None):
     parser.add_argument("--caption-length", type=int, default=20)
     parser.add_argument("--retrieval-batch", type=int, default=8)
     parser.add_argument("--no-flops", dest="flops", action="store_false", help="skip fvcore counting")
+    parser.add_argument("--precision", default="fp32,bf16",
+                        help="comma list from fp32,bf16: every row runs at each (bf16 = autocast, results float32)")
     parser.add_argument("--profile", action="store_true", help="component shares of up2 det+seg")
     parser.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
     args = parser.parse_args(argv)
@@ -683,6 +716,9 @@ def main(argv=None):
     unknown = args.rows - set(UP2_ROWS + PEER_ROWS)
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from {UP2_ROWS + PEER_ROWS}")
+    args.precision = [p for p in args.precision.split(",") if p]
+    if not args.precision or set(args.precision) - set(PRECISIONS):
+        parser.error(f"--precision: choose one or more of {sorted(PRECISIONS)}, got {args.precision}")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -711,9 +747,12 @@ def main(argv=None):
         "memory": "CUDA max_memory_allocated delta" if args.device.startswith("cuda") else
         "peak RSS above pre-call RSS (malloc_trim first), /proc/self/statm sampled every 5 ms",
     }
-    meta["gemm_peak_gflops"] = gemm_peak(args.device, 4096 if args.device.startswith("cuda") else 2048)
-    print(f"MSDA: {meta['msda']}; detectron2 {meta['detectron2']}; threads {meta['threads']}; "
-          f"fp32 GEMM peak {meta['gemm_peak_gflops']:.0f} GFLOP/s", flush=True)
+    gemm_n = 4096 if args.device.startswith("cuda") else 2048
+    meta["precision"] = args.precision
+    meta["gemm_peak_gflops"] = {p: gemm_peak(args.device, gemm_n, dtype=PRECISIONS[p] or torch.float32)
+                                for p in args.precision}
+    print(f"MSDA: {meta['msda']}; detectron2 {meta['detectron2']}; threads {meta['threads']}; GEMM peak "
+          + ", ".join(f"{p} {v:.0f}" for p, v in meta["gemm_peak_gflops"].items()) + " GFLOP/s", flush=True)
 
     names = class_names_1000()
     rows, profiles = [], {}
@@ -729,25 +768,30 @@ def main(argv=None):
             print(f"up2: {meta['up2']}", flush=True)
         peers = build_peers(args)
         for i, size in enumerate(args.sizes):
-            print(f"size {size[0]}x{size[1]}:", flush=True)
-            if args.profile:  # first, so that at the first size the class names are not cached yet
-                g = torch.Generator().manual_seed(size[0] + size[1])
-                inputs = [{"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g),
-                           "height": size[0], "width": size[1]}]
-                print("  profile of up2 detection+segmentation ...", flush=True)
-                try:
-                    profiles[f"{size[0]}x{size[1]}"] = profile_up2(model, seg_task, inputs, args.device, args.repeats,
-                                                                   i == 0)
-                except (RuntimeError, ValueError) as e:
-                    print(f"  profile failed: {e}", flush=True)
-            if args.rows & set(UP2_ROWS):
-                try:
-                    rows += up2_rows(model, seg_task, size, args, names, i == 0)
-                except (RuntimeError, ValueError) as e:  # e.g. an input too small for the query count
-                    print(f"  up2 failed: {e}", flush=True)
-                    rows.append({"model": "up2", "key": "up2:error", "label": "up2", "size": f"{size[0]}x{size[1]}",
-                                 "s_per_img": None, "note": f"could not run: {type(e).__name__}: {e}"})
-            rows += peer_rows(peers, size, args)
+            for precision in args.precision:
+                print(f"size {size[0]}x{size[1]}, {precision}:", flush=True)
+                if args.profile:  # first, so that at the first size the class names are not cached yet
+                    g = torch.Generator().manual_seed(size[0] + size[1])
+                    inputs = [{"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g),
+                               "height": size[0], "width": size[1]}]
+                    print("  profile of up2 detection+segmentation ...", flush=True)
+                    model.inference_amp = PRECISIONS[precision]
+                    try:
+                        profiles[f"{size[0]}x{size[1]} {precision}"] = profile_up2(
+                            model, seg_task, inputs, args.device, args.repeats, i == 0)
+                    except (RuntimeError, ValueError) as e:
+                        print(f"  profile failed: {e}", flush=True)
+                    finally:
+                        model.inference_amp = None
+                if args.rows & set(UP2_ROWS):
+                    try:
+                        rows += up2_rows(model, seg_task, size, args, names, i == 0, precision)
+                    except (RuntimeError, ValueError) as e:  # e.g. an input too small for the query count
+                        print(f"  up2 failed: {e}", flush=True)
+                        rows.append({"model": "up2", "key": "up2:error", "label": "up2",
+                                     "size": f"{size[0]}x{size[1]}", "precision": precision, "s_per_img": None,
+                                     "note": f"could not run: {type(e).__name__}: {e}"})
+                rows += peer_rows(peers, size, args, precision)
 
     elapsed = time.perf_counter() - start
     meta["elapsed_s"] = elapsed
@@ -762,13 +806,24 @@ def main(argv=None):
              "(grid_sample or compiled) counts 4 per sampled channel. "
              "Captioning: torch.utils.flop_counter (its generated ids leave the traced graph). Mask2Former: model "
              "only, not its post-processing. Retrieval batch: the batch-1 count per image.",
-             f"GFLOP/s = 2 x GFLOPs / (s/img); % GEMM peak against a fp32 {2048 if args.device == 'cpu' else 4096}^2 "
-             f"matmul measured in this run: {meta['gemm_peak_gflops']:.0f} GFLOP/s.",
+             f"GFLOP/s = 2 x GFLOPs / (s/img) (bf16 rows: the fp32 count); % GEMM peak against a {gemm_n}^2 "
+             f"matmul of the row's precision measured in this run: "
+             + ", ".join(f"{p} {v:.0f}" for p, v in meta["gemm_peak_gflops"].items()) + " GFLOP/s.",
+             "Precision bf16: torch.autocast(bfloat16) around every call (up2: cfg.TEST.AMP, results cast back "
+             "to float32); ratios compare with the peer at the same precision.",
              f"Memory: {meta['memory']}.", f"Whole run: {elapsed:.0f} s."]
-    cls = next((r for r in rows if r["key"] == "cls"), None)
-    if cls and "ratio_to_image_only" in cls:
-        notes.append(f"Classification over {len(names)} names (cached) / image-only forward: "
-                     f"{cls['ratio_to_image_only']:.3f} (median of paired, interleaved calls; target <= 1.05).")
+    for cls in (r for r in rows if r["key"] == "cls" and "ratio_to_image_only" in r):
+        notes.append(f"Classification over {len(names)} names (cached) / image-only forward, {cls['size']} "
+                     f"{cls['precision']}: {cls['ratio_to_image_only']:.3f} (median of paired, interleaved calls; "
+                     "target <= 1.05).")
+    by = {(r["key"], r["size"], r.get("precision")): r.get("s_per_img") for r in rows}
+    for size in {r["size"] for r in rows}:
+        det, peer = by.get(("det", size, "bf16")), by.get(("maskrcnn", size, "fp32"))
+        if det and peer:
+            notes.append(f"{size}: up2 det+seg in bf16 / Mask R-CNN in fp32 (its default): {det / peer:.2f}; "
+                         f"/ Mask2Former fp32: "
+                         + _fmt(det / by[("mask2former", size, "fp32")] if by.get(("mask2former", size, "fp32"))
+                                else None, ".2f") + ".")
     cap = next((r for r in rows if r["key"] == "caption"), None)
     if cap:
         notes.append(f"Captioning: {cap['generated_tokens']} tokens per image (end token masked by a hook so that "

@@ -5,6 +5,7 @@ tokens, C classes, d unified-decoder width.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -12,7 +13,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import ImageList
+from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
@@ -25,7 +26,41 @@ from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAtten
 from up2.modeling.unified_decoder import UnifiedDecoder
 from up2.structures import ProposalOutput
 
-__all__ = ["UniPerceiverV2", "ImageEncoding"]
+__all__ = ["UniPerceiverV2", "ImageEncoding", "inference_amp_dtype"]
+
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_amp_dtype(cfg) -> Optional[torch.dtype]:
+    """The autocast dtype of eval-mode forwards from ``cfg.TEST.AMP`` (None = float32).
+
+    Raises:
+        ValueError: TEST.AMP.DTYPE is not "bfloat16" or "float16".
+    """
+    if not cfg.TEST.AMP.ENABLED:
+        return None
+    if cfg.TEST.AMP.DTYPE not in _AMP_DTYPES:
+        raise ValueError(f"TEST.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got {cfg.TEST.AMP.DTYPE!r}")
+    return _AMP_DTYPES[cfg.TEST.AMP.DTYPE]
+
+
+def _float32_results(x):
+    """Results of an autocast forward with every bf16/fp16 tensor cast to float32 (lists,
+    tuples, dicts, Instances and Boxes are walked; other values are returned as they are)."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if isinstance(x, Boxes):
+        return Boxes(_float32_results(x.tensor))
+    if isinstance(x, Instances):
+        out = Instances(x.image_size)
+        for k, v in x.get_fields().items():
+            out.set(k, _float32_results(v))
+        return out
+    if isinstance(x, dict):
+        return {k: _float32_results(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float32_results(v) for v in x)
+    return x
 
 
 @dataclass
@@ -77,7 +112,13 @@ class UniPerceiverV2(nn.Module):
         pixel_std: Sequence[float],
         size_divisibility: int = 32,
         test_topk: int = 100,
+        inference_amp: Optional[torch.dtype] = None,
     ):
+        """
+        Args:
+            inference_amp: autocast dtype of eval-mode forwards (cfg.TEST.AMP); None = float32.
+                Results are returned in float32 either way.
+        """
         super().__init__()
         if not tasks:
             raise ValueError("UniPerceiverV2 needs at least one task")
@@ -94,6 +135,7 @@ class UniPerceiverV2(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.target_cache = TargetCache()
+        self.inference_amp = inference_amp
 
     @classmethod
     def from_config(cls, cfg):
@@ -111,6 +153,7 @@ class UniPerceiverV2(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": cfg.MODEL.PROPOSAL.TEST_TOPK,
+            "inference_amp": inference_amp_dtype(cfg),
         }
 
     @property
@@ -150,8 +193,10 @@ class UniPerceiverV2(nn.Module):
         """
         if self.training:
             return encode_texts(self.text_encoder, self.unified_decoder, texts, family)
+        device = self.device.type
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
         return self.target_cache.get(
-            (family.value, *texts),
+            (family.value, str(precision), *texts),
             self.text_parameters(),
             lambda: encode_texts(self.text_encoder, self.unified_decoder, texts, family),
         )
@@ -185,6 +230,13 @@ class UniPerceiverV2(nn.Module):
         )
         return ImageEncoding(images=images, proposals=proposals, proposal_losses=losses, tokens=tokens, targets=targets)
 
+    def inference_autocast(self):
+        """Context of eval-mode computations: autocast to ``inference_amp`` (cfg.TEST.AMP), or
+        a no-op in training and in float32."""
+        if self.training or self.inference_amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.inference_amp)
+
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[dict], task: Optional[str] = None, **task_kwargs):
         """Run one task on a batch.
@@ -197,7 +249,8 @@ class UniPerceiverV2(nn.Module):
 
         Returns:
             training: dict of scalar losses (plus "loss_moe_balance" when MoE balancing is on).
-            eval: list with one result dict per input (detectron2 format).
+            eval: list with one result dict per input (detectron2 format); float tensors in
+            float32, also when ``inference_amp`` runs the forward under autocast.
 
         Raises:
             KeyError: an unknown task name.
@@ -205,7 +258,10 @@ class UniPerceiverV2(nn.Module):
         name = task or self.default_task
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
-        out = self.tasks[name](self, batched_inputs, **task_kwargs)
+        with self.inference_autocast():
+            out = self.tasks[name](self, batched_inputs, **task_kwargs)
+        if not self.training:
+            out = _float32_results(out)
         balance = self.unified_decoder.pop_balance_loss()
         if self.training and balance is not None:
             out["loss_moe_balance"] = balance
