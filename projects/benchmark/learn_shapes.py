@@ -3,7 +3,7 @@
 iterations on the CPU, then evaluate every task of the config on shapes val.
 
     .venv/bin/python projects/benchmark/learn_shapes.py --task inst --iters 900
-    .venv/bin/python projects/benchmark/learn_shapes.py --task cls --iters 300
+    .venv/bin/python projects/benchmark/learn_shapes.py --task cls --iters 2000
     .venv/bin/python projects/benchmark/learn_shapes.py --joint --iters 3000
 
 Tasks: det, inst (box/mask AP via COCOEvaluator), cls (top-1/top-5), retrieval (R@1/5/10 both
