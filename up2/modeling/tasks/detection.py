@@ -198,7 +198,9 @@ class DetectionTask:
             inst.pred_classes = cls
             if self.with_masks:
                 m = F.interpolate(masks[i, r][None].float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
-                m = F.interpolate(m[:, :, :h, :w], size=(out_h, out_w), mode="bilinear", align_corners=False)
+                m = m[:, :, :h, :w]
+                if (out_h, out_w) != (h, w):  # a same-size bilinear resize is the identity: skip it
+                    m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
                 inst.pred_masks = m[0] > 0
             results.append({"instances": inst})
         return results
