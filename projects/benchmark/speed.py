@@ -716,7 +716,7 @@ def main(argv=None):
     unknown = args.rows - set(UP2_ROWS + PEER_ROWS)
     if unknown:
         parser.error(f"--rows: unknown {sorted(unknown)}; choose from {UP2_ROWS + PEER_ROWS}")
-    args.precision = [p for p in args.precision.split(",") if p]
+    args.precision = list(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     if not args.precision or set(args.precision) - set(PRECISIONS):
         parser.error(f"--precision: choose one or more of {sorted(PRECISIONS)}, got {args.precision}")
     if args.repeats < 1 or args.warmup < 0:

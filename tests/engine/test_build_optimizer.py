@@ -78,3 +78,19 @@ def test_float16_grad_scaler_keeps_the_unfused_step():
 def test_unknown_optimizer_is_a_clear_error():
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER='LION'"):
         build_optimizer(_cfg(**{"SOLVER.OPTIMIZER": "LION"}), _Net())
+
+
+def test_resume_keeps_the_kernel_chosen_now():
+    """Optimizer.load_state_dict copies the saved "fused" flag; build_optimizer's choice wins."""
+    net = _Net()
+    _grads(net, 0)
+    opt = build_optimizer(_cfg(), net)
+    opt.step()
+    older = opt.state_dict()  # as written before the fused kernel was used: fused None
+    for group in older["param_groups"]:
+        group["fused"] = None
+    opt.load_state_dict(older)
+    assert all(g["fused"] is True for g in opt.param_groups)
+    fp16 = build_optimizer(_cfg(**{"SOLVER.AMP.ENABLED": True, "SOLVER.AMP.DTYPE": "float16"}), net)
+    fp16.load_state_dict(opt.state_dict())  # a fused checkpoint resumed where fused cannot serve
+    assert not any(g["fused"] for g in fp16.param_groups)

@@ -120,8 +120,18 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         return TBGN(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
                     normalize=cfg.SOLVER.TBGN_NORMALIZE)
     if kind == "ADAMW":
-        fused = {"fused": True} if _fused_adamw_ok(cfg, model) else {}
-        return _clipped(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR, **fused)
+        fused = _fused_adamw_ok(cfg, model)
+        opt = _clipped(cfg, torch.optim.AdamW)(params, lr=cfg.SOLVER.BASE_LR, **({"fused": True} if fused else {}))
+
+        def keep_kernel_choice(optimizer):
+            # load_state_dict copies the saved groups' options, "fused" included: a checkpoint
+            # from a fused run must not force the kernel where it cannot serve, nor an older
+            # checkpoint turn it off.
+            for group in optimizer.param_groups:
+                group["fused"] = True if fused else None
+
+        opt.register_load_state_dict_post_hook(keep_kernel_choice)
+        return opt
     if kind == "SGD":
         opt = _clipped(cfg, torch.optim.SGD)
         return opt(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
