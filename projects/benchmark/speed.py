@@ -482,20 +482,26 @@ def profile_up2(model, task: str, inputs, device: str, repeats: int, cold: bool)
 
 
 # ---------------------------------------------------------------------------------- rows
-def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precision: str = "fp32") -> list:
-    """Timed rows of up2 at one input size and precision (the model's ``inference_amp``: every
-    forward under autocast, results in float32). At the first size the classification and
-    captioning target sets of this precision are not cached yet, so their first calls are the
-    uncached ones. fvcore counts only at fp32 (the table reuses them for bf16 rows)."""
+@contextlib.contextmanager
+def inference_precision(model, precision: str):
+    """up2 forwards at ``precision`` inside the block (the model's ``inference_amp``, i.e.
+    cfg.TEST.AMP: autocast, results in float32); a no-op without a model."""
+    if model is None:
+        yield
+        return
     previous = model.inference_amp
     model.inference_amp = PRECISIONS[precision]
     try:
-        return _up2_rows(model, seg_task, size, args, names, first_size, precision)
+        yield
     finally:
         model.inference_amp = previous
 
 
-def _up2_rows(model, seg_task, size, args, names, first_size, precision) -> list:
+def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precision: str = "fp32") -> list:
+    """Timed rows of up2 at one input size; call it inside ``inference_precision(model,
+    precision)``. At the first size the classification and captioning target sets of this
+    precision are not cached yet, so their first calls are the uncached ones. fvcore counts
+    only at fp32 (the table reuses them for bf16 rows)."""
     from up2.modeling.token_attributes import TaskFamily
 
     h, w = size
@@ -770,27 +776,25 @@ def main(argv=None):
         for i, size in enumerate(args.sizes):
             for precision in args.precision:
                 print(f"size {size[0]}x{size[1]}, {precision}:", flush=True)
-                if args.profile:  # first, so that at the first size the class names are not cached yet
-                    g = torch.Generator().manual_seed(size[0] + size[1])
-                    inputs = [{"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g),
-                               "height": size[0], "width": size[1]}]
-                    print("  profile of up2 detection+segmentation ...", flush=True)
-                    model.inference_amp = PRECISIONS[precision]
-                    try:
-                        profiles[f"{size[0]}x{size[1]} {precision}"] = profile_up2(
-                            model, seg_task, inputs, args.device, args.repeats, i == 0)
-                    except (RuntimeError, ValueError) as e:
-                        print(f"  profile failed: {e}", flush=True)
-                    finally:
-                        model.inference_amp = None
-                if args.rows & set(UP2_ROWS):
-                    try:
-                        rows += up2_rows(model, seg_task, size, args, names, i == 0, precision)
-                    except (RuntimeError, ValueError) as e:  # e.g. an input too small for the query count
-                        print(f"  up2 failed: {e}", flush=True)
-                        rows.append({"model": "up2", "key": "up2:error", "label": "up2",
-                                     "size": f"{size[0]}x{size[1]}", "precision": precision, "s_per_img": None,
-                                     "note": f"could not run: {type(e).__name__}: {e}"})
+                with inference_precision(model, precision):
+                    if args.profile:  # first, so that at the first size the class names are not cached yet
+                        g = torch.Generator().manual_seed(size[0] + size[1])
+                        inputs = [{"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g),
+                                   "height": size[0], "width": size[1]}]
+                        print("  profile of up2 detection+segmentation ...", flush=True)
+                        try:
+                            profiles[f"{size[0]}x{size[1]} {precision}"] = profile_up2(
+                                model, seg_task, inputs, args.device, args.repeats, i == 0)
+                        except (RuntimeError, ValueError) as e:
+                            print(f"  profile failed: {e}", flush=True)
+                    if args.rows & set(UP2_ROWS):
+                        try:
+                            rows += up2_rows(model, seg_task, size, args, names, i == 0, precision)
+                        except (RuntimeError, ValueError) as e:  # e.g. an input too small for the query count
+                            print(f"  up2 failed: {e}", flush=True)
+                            rows.append({"model": "up2", "key": "up2:error", "label": "up2",
+                                         "size": f"{size[0]}x{size[1]}", "precision": precision, "s_per_img": None,
+                                         "note": f"could not run: {type(e).__name__}: {e}"})
                 rows += peer_rows(peers, size, args, precision)
 
     elapsed = time.perf_counter() - start
