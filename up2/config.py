@@ -12,6 +12,12 @@ def add_up2_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
     cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 
+    # ---- Memory format (ours) ---------------------------------------------------------------
+    # The backbone and the proposal network's convs run on channels-last (NHWC) tensors: oneDNN
+    # (CPU) and cuDNN (bf16/fp16 tensor cores) convolve NHWC natively, NCHW pays a layout copy
+    # around every conv. Same values up to float rounding; projects/benchmark/speed.py measures it.
+    cfg.MODEL.CHANNELS_LAST = True
+
     # ---- Swin backbone (timm), registered as "D2SwinTransformer" -----------------------
     cfg.MODEL.SWIN = CN()
     cfg.MODEL.SWIN.MODEL_NAME = "swin_base_patch4_window12_384"  # timm architecture name (weights are never downloaded)

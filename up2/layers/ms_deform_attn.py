@@ -380,16 +380,23 @@ class MSDeformAttn(nn.Module):
             if tuple(value_padding_mask.shape) != (n, s) or value_padding_mask.dtype != torch.bool:
                 raise ValueError(f"value_padding_mask must be (N={n}, S={s}) bool, got "
                                  f"{tuple(value_padding_mask.shape)} {value_padding_mask.dtype}")
-            value = value.masked_fill(value_padding_mask[..., None], 0.0)
+            # value_proj's output is a fresh tensor: zero it in place when no graph is recorded
+            fill = value.masked_fill_ if not torch.is_grad_enabled() else value.masked_fill
+            value = fill(value_padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         weights = self.attention_weights(query).view(n, lq, m, lv * p).softmax(-1).view(n, lq, m, lv, p)
         if reference_points.shape[-1] == 2:
-            # (w, h) per level, so an offset of 1 is one pixel of that level.
-            wh = torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=reference_points.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+            # Offsets are in pixels of each level: divide by its (w, h). The division is folded
+            # into the projection (weight and bias rows scaled by 1/w or 1/h), which saves two
+            # passes over the (N, Lq, M, L, P, 2) offsets; same values up to float rounding.
+            lin = self.sampling_offsets
+            inv_wh = 1.0 / torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=lin.weight.dtype)
+            scale = inv_wh[None, :, None, :].expand(m, lv, p, 2).reshape(-1)
+            offsets = F.linear(query, lin.weight * scale[:, None], lin.bias * scale).view(n, lq, m, lv, p, 2)
+            locations = reference_points[:, :, None, :, None, :] + offsets
         else:
+            offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets * (reference_points[:, :, None, :, None, 2:] * (0.5 / p))

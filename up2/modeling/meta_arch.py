@@ -113,11 +113,15 @@ class UniPerceiverV2(nn.Module):
         size_divisibility: int = 32,
         test_topk: int = 100,
         inference_amp: Optional[torch.dtype] = None,
+        channels_last: bool = False,
     ):
         """
         Args:
             inference_amp: autocast dtype of eval-mode forwards (cfg.TEST.AMP); None = float32.
                 Results are returned in float32 either way.
+            channels_last: cfg.MODEL.CHANNELS_LAST: the conv weights of the backbone and the
+                proposal network and the padded image batch are stored channels-last (NHWC),
+                so every feature map stays NHWC; values are unchanged up to float rounding.
         """
         super().__init__()
         if not tasks:
@@ -136,6 +140,10 @@ class UniPerceiverV2(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.target_cache = TargetCache()
         self.inference_amp = inference_amp
+        self.channels_last = channels_last
+        if channels_last:  # 4-D parameters only (the convs); kept by .to(device) and load_state_dict
+            self.backbone.to(memory_format=torch.channels_last)
+            self.proposal_network.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -154,6 +162,7 @@ class UniPerceiverV2(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk": cfg.MODEL.PROPOSAL.TEST_TOPK,
             "inference_amp": inference_amp_dtype(cfg),
+            "channels_last": cfg.MODEL.CHANNELS_LAST,
         }
 
     @property
@@ -162,8 +171,8 @@ class UniPerceiverV2(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def preprocess_image(self, batched_inputs: Sequence[dict]) -> Tuple[ImageList, torch.Tensor]:
-        """Normalise and pad. Returns the ImageList (N, 3, Hp, Wp) float and a padding mask
-        (N, Hp, Wp) bool (True on padding).
+        """Normalise and pad. Returns the ImageList (N, 3, Hp, Wp) float (channels-last strides
+        when ``self.channels_last``) and a padding mask (N, Hp, Wp) bool (True on padding).
 
         Raises:
             ValueError: an input whose "image" is not a (3, H, W) tensor.
@@ -176,6 +185,8 @@ class UniPerceiverV2(nn.Module):
                 raise ValueError(f"input {i}: 'image' must be a (3, H, W) tensor, got {got}")
             images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
         images = ImageList.from_tensors(images, self.size_divisibility)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         pad = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             pad[i, :h, :w] = False

@@ -11,7 +11,7 @@ the proposals' own.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -197,13 +197,34 @@ class DetectionTask:
             inst.scores = top
             inst.pred_classes = cls
             if self.with_masks:
-                m = F.interpolate(masks[i, r][None].float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
-                m = m[:, :, :h, :w]
-                if (out_h, out_w) != (h, w):  # a same-size bilinear resize is the identity: skip it
-                    m = F.interpolate(m, size=(out_h, out_w), mode="bilinear", align_corners=False)
-                inst.pred_masks = m[0] > 0
+                inst.pred_masks = self.paste_masks(masks[i, r], (h, w), (Hp, Wp), (out_h, out_w))
             results.append({"instances": inst})
         return results
+
+    @staticmethod
+    def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, int], out: Tuple[int, int],
+                    chunk: int = 4) -> torch.Tensor:
+        """Binary masks at the input image's size (MaskDINO / Mask2Former inference).
+
+        Args:
+            logits: (K, Hm, Wm) mask logits of the padded image.  size: (h, w) resized image.
+            padded: (Hp, Wp) padded size.  out: (out_h, out_w) original image size.
+            chunk: masks resized at a time (bounds the float32 temporaries to ``chunk`` padded
+                images; the result does not depend on it).
+
+        Returns:
+            (K, out_h, out_w) bool: bilinear upsampling to (Hp, Wp), crop to (h, w), bilinear
+            resize to ``out`` (skipped when ``out == size``: the identity), then ``> 0``.
+        """
+        (h, w), (Hp, Wp) = size, padded
+        result = torch.empty(logits.shape[0], *out, dtype=torch.bool, device=logits.device)
+        for a in range(0, logits.shape[0], chunk):
+            m = F.interpolate(logits[None, a : a + chunk].float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
+            m = m[:, :, :h, :w]
+            if tuple(out) != (h, w):
+                m = F.interpolate(m, size=tuple(out), mode="bilinear", align_corners=False)
+            torch.gt(m[0], 0, out=result[a : a + chunk])
+        return result
 
 
 @register_task("instance_segmentation")
