@@ -40,7 +40,8 @@ def prepare_shapes() -> None:
 
 def shapes_config(config_file: str, iters: int, output: str, opts=()):
     """The (unfrozen) config of a learning run: ``config_file`` + ``opts`` (KEY VALUE ...), then
-    ``iters`` iterations with the lr step at 80 % of them, written to ``output``."""
+    ``iters`` iterations with the lr step at 80 % of them, no periodic evaluation, written to
+    ``output``."""
     from detectron2.config import get_cfg
 
     from up2 import add_up2_config
@@ -51,6 +52,7 @@ def shapes_config(config_file: str, iters: int, output: str, opts=()):
     cfg.merge_from_list(list(opts))
     cfg.SOLVER.MAX_ITER = iters
     cfg.SOLVER.STEPS = (int(iters * 0.8),)
+    cfg.TEST.EVAL_PERIOD = 0  # the script evaluates once after training (detectron2 would also at the end)
     cfg.OUTPUT_DIR = output
     return cfg
 

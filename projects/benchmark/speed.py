@@ -543,7 +543,8 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
             r = measure([fn], args.device, [args.warmup if warmup is None else warmup], args.repeats)[0]
         return finish(key, label, r, flop_fn, per, flops)
 
-    add("det", "up2 R50 detection+segmentation (80 COCO names, cached)",
+    config = os.path.splitext(os.path.basename(args.config))[0]
+    add("det", f"up2 detection+segmentation (80 COCO names, cached; {config})",
         lambda: model(one, task=seg_task), lambda x: model(x, task=seg_task))
     # image-only and classification: timed interleaved, the ratio is the median of paired ratios
     pair = {"image": ("up2 image-only forward (f_image + g, no heads)", lambda: image_only(one), image_only,

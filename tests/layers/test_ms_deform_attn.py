@@ -201,3 +201,80 @@ def test_cuda_matches_cpu_and_bf16_autocast():
         out = mod(torch.randn(2, 6, 32, device="cuda"), torch.rand(2, 6, len(SHAPES), 2, device="cuda"),
                   torch.randn(2, s, 32, device="cuda"), torch.tensor(SHAPES, device="cuda"))
     assert torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_no_grad_and_inference_mode_match_grad_mode(ref_dim):
+    """Without autograd the padding is zeroed in place in value_proj's output, and for 2-D
+    reference points the per-level 1/(w, h) is folded into the offset projection: the output
+    is the grad-mode output, and neither the inputs nor the weights are modified."""
+    torch.manual_seed(0)
+    dim, heads, points = 32, 4, 3
+    shapes = SHAPES[:3]
+    mod = MSDeformAttn(dim, heads, len(shapes), points).double()
+    with torch.no_grad():
+        for prm in mod.parameters():
+            prm.normal_(0, 0.2)
+    weights = {k: v.clone() for k, v in mod.state_dict().items()}
+    n, lq, s = 2, 5, sum(h * w for h, w in shapes)
+    query = torch.randn(n, lq, dim, dtype=torch.float64)
+    value_in = torch.randn(n, s, dim, dtype=torch.float64)
+    ref_pts = torch.rand(n, lq, len(shapes), ref_dim, dtype=torch.float64)
+    pad = torch.rand(n, s) < 0.3
+    assert pad.any() and not pad.all()
+    st, start = torch.tensor(shapes), _level_start(shapes)
+    inputs = (query, ref_pts, value_in, st, start, pad)
+    saved = [t.clone() for t in inputs]
+
+    with torch.enable_grad():
+        ref = mod(*inputs)
+    assert ref.requires_grad
+    with torch.no_grad():
+        no_grad = mod(*inputs)
+    with torch.inference_mode():
+        inference = mod(*inputs)
+    for name, out in (("no_grad", no_grad), ("inference_mode", inference)):
+        assert not out.requires_grad
+        diff = (out - ref.detach()).abs().max().item()
+        assert diff <= 1e-12, f"{name}: max abs diff {diff}"
+    for before, after in zip(saved, inputs):
+        assert torch.equal(before, after)
+    for k, v in mod.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+    # the padding really matters, and is really ignored, on the in-place path too
+    value_big = value_in.clone()
+    value_big[pad] = 1e3
+    with torch.no_grad():
+        assert (mod(query, ref_pts, value_big, st, start, pad) - no_grad).abs().max().item() <= 1e-9
+        unmasked = mod(query, ref_pts, value_in, st, start, None)
+    assert (unmasked - no_grad).abs().max().item() > 1e-3
+
+
+def test_two_d_offsets_are_pixels_of_each_level():
+    """Hand computation of the 2-D reference-point case: location = ref + offset / (w_l, h_l),
+    with the offsets from the (unscaled) sampling_offsets Linear, sampled by the core."""
+    torch.manual_seed(2)
+    dim, heads, points = 16, 2, 2
+    shapes = SHAPES[:3]
+    mod = MSDeformAttn(dim, heads, len(shapes), points).double()
+    with torch.no_grad():
+        for prm in mod.parameters():
+            prm.normal_(0, 0.3)
+    n, lq, s = 1, 4, sum(h * w for h, w in shapes)
+    query = torch.randn(n, lq, dim, dtype=torch.float64)
+    value_in = torch.randn(n, s, dim, dtype=torch.float64)
+    ref_pts = torch.rand(n, lq, len(shapes), 2, dtype=torch.float64)
+    lv = len(shapes)
+    offsets = (query @ mod.sampling_offsets.weight.T + mod.sampling_offsets.bias).view(n, lq, heads, lv, points, 2)
+    loc = torch.empty_like(offsets)
+    for lvl, (h, w) in enumerate(shapes):
+        loc[:, :, :, lvl, :, 0] = ref_pts[:, :, None, lvl, None, 0] + offsets[:, :, :, lvl, :, 0] / w
+        loc[:, :, :, lvl, :, 1] = ref_pts[:, :, None, lvl, None, 1] + offsets[:, :, :, lvl, :, 1] / h
+    attn = mod.attention_weights(query).view(n, lq, heads, lv * points).softmax(-1).view(n, lq, heads, lv, points)
+    value = mod.value_proj(value_in).view(n, s, heads, dim // heads)
+    expect = mod.output_proj(_reference(value, shapes, loc, attn))
+    for ctx in (torch.enable_grad, torch.no_grad):
+        with ctx():
+            got = mod(query, ref_pts, value_in, torch.tensor(shapes), _level_start(shapes))
+        assert (got - expect).abs().max().item() < 1e-12

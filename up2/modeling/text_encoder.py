@@ -104,14 +104,21 @@ def load_text_model(name: str) -> Tuple[nn.Module, Any]:
             looked and how to provide the model).
     """
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source = resolve_text_model_path(name)
+    # a local load takes well under a second: no "Loading weights" progress bar at every model build
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModel.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:
         looked = [source] if os.path.isdir(source) else []
         raise FileNotFoundError(_missing_model_message(name, looked) + f" [{type(e).__name__}: {e}]") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if isinstance(getattr(model, "pooler", None), nn.Module):
         # BERT / RoBERTa pooler: unused by f_text (and a DDP unused-parameter trap); their
         # forward skips a None pooler.
