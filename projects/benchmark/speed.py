@@ -57,7 +57,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 ROBERTA_BASE_VOCAB = 50265
-UP2_ROWS = ("det", "image", "cls", "caption", "retrieval")
+UP2_ROWS = ("det", "det-nchw", "image", "cls", "caption", "retrieval")
 PEER_ROWS = ("maskrcnn", "mask2former")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -497,6 +497,24 @@ def inference_precision(model, precision: str):
         model.inference_amp = previous
 
 
+@contextlib.contextmanager
+def memory_format(model, channels_last: bool):
+    """up2's backbone and proposal network (and the batches it pads) in NHWC (True) or NCHW
+    (False) inside the block, as cfg.MODEL.CHANNELS_LAST would build them; restored after."""
+    def apply(on: bool) -> None:
+        fmt = torch.channels_last if on else torch.contiguous_format
+        model.channels_last = on
+        model.backbone.to(memory_format=fmt)
+        model.proposal_network.to(memory_format=fmt)
+
+    previous = model.channels_last
+    apply(channels_last)
+    try:
+        yield
+    finally:
+        apply(previous)
+
+
 def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precision: str = "fp32") -> list:
     """Timed rows of up2 at one input size; call it inside ``inference_precision(model,
     precision)``. At the first size the classification and captioning target sets of this
@@ -546,6 +564,9 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
     config = os.path.splitext(os.path.basename(args.config))[0]
     add("det", f"up2 detection+segmentation (80 COCO names, cached; {config})",
         lambda: model(one, task=seg_task), lambda x: model(x, task=seg_task))
+    if "det-nchw" in args.rows:  # the same model with NCHW convs: what MODEL.CHANNELS_LAST gains
+        with memory_format(model, channels_last=False):
+            add("det-nchw", "the same, NCHW layout (MODEL.CHANNELS_LAST False)", lambda: model(one, task=seg_task))
     # image-only and classification: timed interleaved, the ratio is the median of paired ratios
     pair = {"image": ("up2 image-only forward (f_image + g, no heads)", lambda: image_only(one), image_only,
                       args.warmup),
@@ -595,6 +616,44 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
     return rows
 
 
+def _peer_call(key: str, model, x: torch.Tensor, device: str):
+    """A no-argument call of a peer on the uint8 image ``x`` (3, h, w); detectron2 input format for
+    Mask R-CNN, normalised pixels for Mask2Former."""
+    h, w = x.shape[-2:]
+    if key == "maskrcnn":
+        inputs = [{"image": x.float().to(device), "height": h, "width": w}]
+        return lambda: model(inputs)
+    pix = ((x.float() / 255 - 0.45) / 0.225)[None].to(device)
+    return lambda: model(pix)
+
+
+def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str) -> dict:
+    """up2 det+seg and each peer timed round-robin (``args.paired`` rounds after one warm-up
+    each) on the same image; per peer the median over rounds of (up2 s / peer s). Pairing the
+    calls of one round cancels most of the load drift of a shared machine, which moves
+    separately measured rows by +-25 % here. Call it inside ``inference_precision``."""
+    h, w = size
+    x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h + w))
+    one = [{"image": x, "height": h, "width": w}]
+    keys = [k for k, (_, m, _) in peers.items() if m is not None]
+    calls = [_peer_call(k, peers[k][1], x, args.device) for k in keys]
+
+    def under_autocast(fn):
+        def run():
+            with autocast(args.device, precision):
+                fn()
+        return run
+
+    fns = [lambda: model(one, task=seg_task)] + [under_autocast(c) for c in calls]
+    print(f"  paired: up2 det+seg vs {', '.join(keys)} ({args.paired} rounds) ...", flush=True)
+    with torch.inference_mode():
+        res = measure(fns, args.device, [1] * len(fns), args.paired)
+    up2_times = res[0]["times_s"]
+    return {k: {"ratio": statistics.median(a / b for a, b in zip(up2_times, r["times_s"])),
+                "up2_median_s": res[0]["median_s"], "peer_median_s": r["median_s"]}
+            for k, r in zip(keys, res[1:])}
+
+
 def peer_rows(peers: dict, size, args, precision: str = "fp32") -> list:
     """Timed rows of the peers at one size, under autocast for bf16 (fvcore counts at fp32 only)."""
     h, w = size
@@ -606,14 +665,13 @@ def peer_rows(peers: dict, size, args, precision: str = "fp32") -> list:
                          "precision": precision})
             continue
         print(f"  {label} ...", flush=True)
+        fn = _peer_call(key, model, x, args.device)
         if key == "maskrcnn":
             inputs = [{"image": x.float().to(args.device), "height": h, "width": w}]
-            fn, flop_fn, d2 = (lambda: model(inputs)), (lambda i: model(i)), True
-            flop_inputs = (inputs,)
+            flop_fn, d2, flop_inputs = (lambda i: model(i)), True, (inputs,)
         else:
             pix = ((x.float() / 255 - 0.45) / 0.225)[None].to(args.device)
-            fn, flop_fn, d2 = (lambda: model(pix)), (lambda p: model(p, postprocess=False)), False
-            flop_inputs = (pix,)
+            flop_fn, d2, flop_inputs = (lambda p: model(p, postprocess=False)), False, (pix,)
         try:
             with torch.inference_mode(), autocast(args.device, precision):
                 r = measure([fn], args.device, [args.warmup], args.repeats)[0]
@@ -717,6 +775,9 @@ def main(argv=None):
     parser.add_argument("--precision", default="fp32,bf16",
                         help="comma list from fp32,bf16: every row runs at each (bf16 = autocast, results float32)")
     parser.add_argument("--profile", action="store_true", help="component shares of up2 det+seg")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="also time up2 det+seg and the peers round-robin for ROUNDS rounds and report the "
+                             "median per-round ratio (robust to load drift); 0 = off")
     parser.add_argument("--output", default=os.path.join(REPO, "output", "benchmark"))
     args = parser.parse_args(argv)
     args.rows = set(args.rows.split(","))
@@ -726,8 +787,8 @@ def main(argv=None):
     args.precision = list(dict.fromkeys(p.strip() for p in args.precision.split(",") if p.strip()))
     if not args.precision or set(args.precision) - set(PRECISIONS):
         parser.error(f"--precision: choose one or more of {sorted(PRECISIONS)}, got {args.precision}")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.paired < 0:
+        parser.error("--repeats must be >= 1, --warmup >= 0 and --paired >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:
@@ -762,7 +823,7 @@ def main(argv=None):
           + ", ".join(f"{p} {v:.0f}" for p, v in meta["gemm_peak_gflops"].items()) + " GFLOP/s", flush=True)
 
     names = class_names_1000()
-    rows, profiles = [], {}
+    rows, profiles, paired = [], {}, {}
     with tempfile.TemporaryDirectory() as roberta:
         model = seg_task = None
         if args.rows & set(UP2_ROWS) or args.profile:
@@ -797,6 +858,10 @@ def main(argv=None):
                                          "size": f"{size[0]}x{size[1]}", "precision": precision, "s_per_img": None,
                                          "note": f"could not run: {type(e).__name__}: {e}"})
                 rows += peer_rows(peers, size, args, precision)
+                if args.paired and model is not None and "det" in args.rows:
+                    with inference_precision(model, precision):
+                        paired[f"{size[0]}x{size[1]} {precision}"] = paired_ratios(
+                            model, seg_task, peers, size, args, precision)
 
     elapsed = time.perf_counter() - start
     meta["elapsed_s"] = elapsed
@@ -829,6 +894,15 @@ def main(argv=None):
                          f"/ Mask2Former fp32: "
                          + _fmt(det / by[("mask2former", size, "fp32")] if by.get(("mask2former", size, "fp32"))
                                 else None, ".2f") + ".")
+    for r in (r for r in rows if r["key"] == "det-nchw" and r.get("s_per_img")):
+        cl = by.get(("det", r["size"], r.get("precision")))
+        if cl:
+            notes.append(f"{r['size']} {r['precision']}: up2 det+seg NCHW / channels-last (MODEL.CHANNELS_LAST): "
+                         f"{r['s_per_img'] / cl:.2f}.")
+    for where, ratios in paired.items():
+        notes.append(f"Paired ({args.paired} round-robin rounds), {where}: up2 det+seg / "
+                     + ", ".join(f"{peers[k][0].split(' (')[0]} {v['ratio']:.2f} (medians {v['up2_median_s']:.2f} s / "
+                                 f"{v['peer_median_s']:.2f} s)" for k, v in ratios.items()) + ".")
     cap = next((r for r in rows if r["key"] == "caption"), None)
     if cap:
         notes.append(f"Captioning: {cap['generated_tokens']} tokens per image (end token masked by a hook so that "
@@ -845,7 +919,8 @@ def main(argv=None):
     command = "python projects/benchmark/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md += f"\nReproduce: `{command.strip()}`\n"
     os.makedirs(args.output, exist_ok=True)
-    write_json_atomic({"meta": meta, "rows": rows, "profile": profiles, "notes": notes, "command": command},
+    write_json_atomic({"meta": meta, "rows": rows, "profile": profiles, "paired": paired, "notes": notes,
+                       "command": command},
                       os.path.join(args.output, "speed.json"))
     with atomic_write(os.path.join(args.output, "speed.md")) as f:
         f.write(md)
