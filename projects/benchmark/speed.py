@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import os
 import platform
@@ -631,7 +632,8 @@ def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str)
     """up2 det+seg and each peer timed round-robin (``args.paired`` rounds after one warm-up
     each) on the same image; per peer the median over rounds of (up2 s / peer s). Pairing the
     calls of one round cancels most of the load drift of a shared machine, which moves
-    separately measured rows by +-25 % here. Call it inside ``inference_precision``."""
+    separately measured rows by +-25 % here. With the det-nchw row selected, a copy of the model
+    with NCHW convs joins the rounds (key "det-nchw"). Call it inside ``inference_precision``."""
     h, w = size
     x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h + w))
     one = [{"image": x, "height": h, "width": w}]
@@ -645,9 +647,18 @@ def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str)
         return run
 
     fns = [lambda: model(one, task=seg_task)] + [under_autocast(c) for c in calls]
+    nchw = None
+    if "det-nchw" in args.rows:  # a copy with NCHW convs joins the rounds (same weights, same cache)
+        nchw = copy.deepcopy(model)
+        nchw.channels_last = False
+        nchw.backbone.to(memory_format=torch.contiguous_format)
+        nchw.proposal_network.to(memory_format=torch.contiguous_format)
+        keys.append("det-nchw")
+        fns.append(lambda: nchw(one, task=seg_task))
     print(f"  paired: up2 det+seg vs {', '.join(keys)} ({args.paired} rounds) ...", flush=True)
     with torch.inference_mode():
         res = measure(fns, args.device, [1] * len(fns), args.paired)
+    del nchw
     up2_times = res[0]["times_s"]
     return {k: {"ratio": statistics.median(a / b for a, b in zip(up2_times, r["times_s"])),
                 "up2_median_s": res[0]["median_s"], "peer_median_s": r["median_s"]}
@@ -900,8 +911,9 @@ def main(argv=None):
             notes.append(f"{r['size']} {r['precision']}: up2 det+seg NCHW / channels-last (MODEL.CHANNELS_LAST): "
                          f"{r['s_per_img'] / cl:.2f}.")
     for where, ratios in paired.items():
+        name = lambda k: "up2 NCHW (CHANNELS_LAST False)" if k == "det-nchw" else peers[k][0].split(" (")[0]  # noqa: E731
         notes.append(f"Paired ({args.paired} round-robin rounds), {where}: up2 det+seg / "
-                     + ", ".join(f"{peers[k][0].split(' (')[0]} {v['ratio']:.2f} (medians {v['up2_median_s']:.2f} s / "
+                     + ", ".join(f"{name(k)} {v['ratio']:.2f} (medians {v['up2_median_s']:.2f} s / "
                                  f"{v['peer_median_s']:.2f} s)" for k, v in ratios.items()) + ".")
     cap = next((r for r in rows if r["key"] == "caption"), None)
     if cap:
