@@ -565,7 +565,9 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
     config = os.path.splitext(os.path.basename(args.config))[0]
     add("det", f"up2 detection+segmentation (80 COCO names, cached; {config})",
         lambda: model(one, task=seg_task), lambda x: model(x, task=seg_task))
-    if "det-nchw" in args.rows:  # the same model with NCHW convs: what MODEL.CHANNELS_LAST gains
+    if "det-nchw" in args.rows and not model.channels_last:
+        print("  det-nchw: skipped, the config already builds NCHW convs (MODEL.CHANNELS_LAST False)", flush=True)
+    elif "det-nchw" in args.rows:  # the same model with NCHW convs: what MODEL.CHANNELS_LAST gains
         with memory_format(model, channels_last=False):
             add("det-nchw", "the same, NCHW layout (MODEL.CHANNELS_LAST False)", lambda: model(one, task=seg_task))
     # image-only and classification: timed interleaved, the ratio is the median of paired ratios
@@ -648,13 +650,16 @@ def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str)
 
     fns = [lambda: model(one, task=seg_task)] + [under_autocast(c) for c in calls]
     nchw = None
-    if "det-nchw" in args.rows:  # a copy with NCHW convs joins the rounds (same weights, same cache)
+    if "det-nchw" in args.rows and model.channels_last:  # an NCHW copy joins the rounds (same weights, cache)
         nchw = copy.deepcopy(model)
         nchw.channels_last = False
         nchw.backbone.to(memory_format=torch.contiguous_format)
         nchw.proposal_network.to(memory_format=torch.contiguous_format)
         keys.append("det-nchw")
         fns.append(lambda: nchw(one, task=seg_task))
+    if not keys:
+        print("  paired: nothing to pair up2 det+seg with (no peer ran, no det-nchw row); skipped", flush=True)
+        return {}
     print(f"  paired: up2 det+seg vs {', '.join(keys)} ({args.paired} rounds) ...", flush=True)
     with torch.inference_mode():
         res = measure(fns, args.device, [1] * len(fns), args.paired)
@@ -800,6 +805,8 @@ def main(argv=None):
         parser.error(f"--precision: choose one or more of {sorted(PRECISIONS)}, got {args.precision}")
     if args.repeats < 1 or args.warmup < 0 or args.paired < 0:
         parser.error("--repeats must be >= 1, --warmup >= 0 and --paired >= 0")
+    if args.paired and "det" not in args.rows:
+        parser.error("--paired times up2 det+seg against the peers: add det to --rows")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.threads:
@@ -871,8 +878,9 @@ def main(argv=None):
                 rows += peer_rows(peers, size, args, precision)
                 if args.paired and model is not None and "det" in args.rows:
                     with inference_precision(model, precision):
-                        paired[f"{size[0]}x{size[1]} {precision}"] = paired_ratios(
-                            model, seg_task, peers, size, args, precision)
+                        ratios = paired_ratios(model, seg_task, peers, size, args, precision)
+                        if ratios:
+                            paired[f"{size[0]}x{size[1]} {precision}"] = ratios
 
     elapsed = time.perf_counter() - start
     meta["elapsed_s"] = elapsed

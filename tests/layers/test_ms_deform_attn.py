@@ -278,3 +278,21 @@ def test_two_d_offsets_are_pixels_of_each_level():
         with ctx():
             got = mod(query, ref_pts, value_in, torch.tensor(shapes), _level_start(shapes))
         assert (got - expect).abs().max().item() < 1e-12
+
+
+def test_submodules_are_called_as_modules():
+    """Every projection runs through its nn.Linear (forward hooks fire, wrappers and dynamic
+    quantization of the Linear layers keep working), for point and box references."""
+    shapes = SHAPES[:2]
+    mod = MSDeformAttn(16, 4, len(shapes), 2)
+    calls = []
+    for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
+        getattr(mod, name).register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    s = sum(h * w for h, w in shapes)
+    for ref_dim in (2, 4):
+        calls.clear()
+        mod(torch.randn(1, 3, 16), torch.rand(1, 3, len(shapes), ref_dim), torch.randn(1, s, 16), torch.tensor(shapes))
+        assert sorted(calls) == ["attention_weights", "output_proj", "sampling_offsets", "value_proj"], ref_dim
+    quantized = torch.ao.quantization.quantize_dynamic(mod, {torch.nn.Linear})
+    out = quantized(torch.randn(1, 3, 16), torch.rand(1, 3, len(shapes), 2), torch.randn(1, s, 16), torch.tensor(shapes))
+    assert out.shape == (1, 3, 16) and torch.isfinite(out).all()

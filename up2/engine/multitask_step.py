@@ -36,8 +36,10 @@ class MultiTaskStep(SimpleTrainer):
         specs: task name -> TaskSpec (s_k, omega_k).
         amp_dtype: None, "bfloat16" or "float16" (autocast; fp16 also uses a GradScaler).
 
-    Raises (in run_step):
-        FloatingPointError: a non-finite loss, naming the task, the loss and the iteration.
+    Raises:
+        ValueError: (at construction) an unknown ``amp_dtype``, or "float16" for a model on the CPU.
+        FloatingPointError: (in run_step) a non-finite loss, naming the task, the loss and the
+            iteration.
     """
 
     def __init__(self, model, loader: MultiTaskLoader, optimizer, specs: Mapping[str, TaskSpec], amp_dtype=None):

@@ -401,17 +401,15 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, s, m, self.embed_dim // m)
 
         weights = _softmax_last(self.attention_weights(query).view(n, lq, m, lv * p)).view(n, lq, m, lv, p)
+        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
         if reference_points.shape[-1] == 2:
-            # Offsets are in pixels of each level: divide by its (w, h). The division is folded
-            # into the projection (weight and bias rows scaled by 1/w or 1/h), which saves two
-            # passes over the (N, Lq, M, L, P, 2) offsets; same values up to float rounding.
-            lin = self.sampling_offsets
-            inv_wh = 1.0 / torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=lin.weight.dtype)
-            scale = inv_wh[None, :, None, :].expand(m, lv, p, 2).reshape(-1)
-            offsets = F.linear(query, lin.weight * scale[:, None], lin.bias * scale).view(n, lq, m, lv, p, 2)
-            locations = reference_points[:, :, None, :, None, :] + offsets
+            # Offsets are in pixels of each level: reference + offset / (w, h), as one fused
+            # multiply-add (one pass over the (N, Lq, M, L, P, 2) offsets instead of two), in the
+            # reference points' precision (bf16 offsets under autocast are widened first).
+            inv_wh = 1.0 / torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=reference_points.dtype)
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets.to(reference_points.dtype),
+                                      inv_wh[None, None, None, :, None, :])
         else:
-            offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets * (reference_points[:, :, None, :, None, 2:] * (0.5 / p))

@@ -113,7 +113,7 @@ class UniPerceiverV2(nn.Module):
         size_divisibility: int = 32,
         test_topk: int = 100,
         inference_amp: Optional[torch.dtype] = None,
-        channels_last: bool = False,
+        channels_last: bool = True,
     ):
         """
         Args:

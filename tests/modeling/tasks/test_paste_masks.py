@@ -100,3 +100,9 @@ def test_postprocess_masks_are_paste_masks():
         _, flat = scores[i].flatten().topk(5)
         want = _reference(masks[i, flat // 2], images.image_sizes[i], PADDED, hw)
         assert torch.equal(inst.pred_masks, want)
+
+
+def test_chunk_below_one_is_refused():
+    logits = torch.randn(3, 8, 10)
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        DetectionTask.paste_masks(logits, (30, 38), (32, 40), (30, 38), chunk=0)

@@ -215,7 +215,12 @@ class DetectionTask:
         Returns:
             (K, out_h, out_w) bool: bilinear upsampling to (Hp, Wp), crop to (h, w), bilinear
             resize to ``out`` (skipped when ``out == size``: the identity), then ``> 0``.
+
+        Raises:
+            ValueError: ``chunk`` < 1.
         """
+        if chunk < 1:
+            raise ValueError(f"paste_masks: chunk must be >= 1, got {chunk}")
         (h, w), (Hp, Wp) = size, padded
         result = torch.empty(logits.shape[0], *out, dtype=torch.bool, device=logits.device)
         for a in range(0, logits.shape[0], chunk):
