@@ -620,14 +620,15 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
 
 
 def _peer_call(key: str, model, x: torch.Tensor, device: str):
-    """A no-argument call of a peer on the uint8 image ``x`` (3, h, w); detectron2 input format for
-    Mask R-CNN, normalised pixels for Mask2Former."""
+    """``(call, inputs)``: a no-argument call of a peer on the uint8 image ``x`` (3, h, w) and the
+    input it passes: detectron2 dicts for Mask R-CNN, (1, 3, h, w) normalised pixels for
+    Mask2Former."""
     h, w = x.shape[-2:]
     if key == "maskrcnn":
         inputs = [{"image": x.float().to(device), "height": h, "width": w}]
-        return lambda: model(inputs)
-    pix = ((x.float() / 255 - 0.45) / 0.225)[None].to(device)
-    return lambda: model(pix)
+    else:
+        inputs = ((x.float() / 255 - 0.45) / 0.225)[None].to(device)
+    return (lambda: model(inputs)), inputs
 
 
 def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str) -> dict:
@@ -640,7 +641,7 @@ def paired_ratios(model, seg_task: str, peers: dict, size, args, precision: str)
     x = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h + w))
     one = [{"image": x, "height": h, "width": w}]
     keys = [k for k, (_, m, _) in peers.items() if m is not None]
-    calls = [_peer_call(k, peers[k][1], x, args.device) for k in keys]
+    calls = [_peer_call(k, peers[k][1], x, args.device)[0] for k in keys]
 
     def under_autocast(fn):
         def run():
@@ -681,13 +682,12 @@ def peer_rows(peers: dict, size, args, precision: str = "fp32") -> list:
                          "precision": precision})
             continue
         print(f"  {label} ...", flush=True)
-        fn = _peer_call(key, model, x, args.device)
+        fn, inputs = _peer_call(key, model, x, args.device)
         if key == "maskrcnn":
-            inputs = [{"image": x.float().to(args.device), "height": h, "width": w}]
-            flop_fn, d2, flop_inputs = (lambda i: model(i)), True, (inputs,)
+            flop_fn, d2 = (lambda i: model(i)), True
         else:
-            pix = ((x.float() / 255 - 0.45) / 0.225)[None].to(args.device)
-            flop_fn, d2, flop_inputs = (lambda p: model(p, postprocess=False)), False, (pix,)
+            flop_fn, d2 = (lambda p: model(p, postprocess=False)), False
+        flop_inputs = (inputs,)
         try:
             with torch.inference_mode(), autocast(args.device, precision):
                 r = measure([fn], args.device, [args.warmup], args.repeats)[0]

@@ -95,16 +95,22 @@ def _hf_module(dim, heads, levels, points):
     return tmodel.DeformableDetrMultiscaleDeformableAttention(cfg, num_heads=heads, n_points=points)
 
 
+def _random_module(dim, heads, levels, points, std=0.2):
+    """A float64 MSDeformAttn with N(0, std) weights everywhere (its init has zero attention
+    weights and zero offset weights, which would hide most of the computation)."""
+    mod = MSDeformAttn(dim, heads, levels, points).double()
+    with torch.no_grad():
+        for prm in mod.parameters():
+            prm.normal_(0, std)
+    return mod
+
+
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_matches_transformers_module(ref_dim):
     torch.manual_seed(0)
     dim, heads, points = 32, 4, 3
     shapes = SHAPES[:3]
-    ours = MSDeformAttn(dim, heads, len(shapes), points).double()
-    # random weights everywhere (the init has zero attention weights)
-    with torch.no_grad():
-        for prm in ours.parameters():
-            prm.normal_(0, 0.2)
+    ours = _random_module(dim, heads, len(shapes), points)
     ref = _hf_module(dim, heads, len(shapes), points).double()
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=True)
     n, lq, s = 2, 5, sum(h * w for h, w in shapes)
@@ -205,16 +211,13 @@ def test_cuda_matches_cpu_and_bf16_autocast():
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_no_grad_and_inference_mode_match_grad_mode(ref_dim):
-    """Without autograd the padding is zeroed in place in value_proj's output, and for 2-D
-    reference points the per-level 1/(w, h) is folded into the offset projection: the output
-    is the grad-mode output, and neither the inputs nor the weights are modified."""
+    """Without autograd the padding is zeroed in place in value_proj's output and the softmax
+    runs in place on a copy: the output is the grad-mode output, and neither the inputs nor
+    the weights are modified."""
     torch.manual_seed(0)
     dim, heads, points = 32, 4, 3
     shapes = SHAPES[:3]
-    mod = MSDeformAttn(dim, heads, len(shapes), points).double()
-    with torch.no_grad():
-        for prm in mod.parameters():
-            prm.normal_(0, 0.2)
+    mod = _random_module(dim, heads, len(shapes), points)
     weights = {k: v.clone() for k, v in mod.state_dict().items()}
     n, lq, s = 2, 5, sum(h * w for h, w in shapes)
     query = torch.randn(n, lq, dim, dtype=torch.float64)
@@ -257,10 +260,7 @@ def test_two_d_offsets_are_pixels_of_each_level():
     torch.manual_seed(2)
     dim, heads, points = 16, 2, 2
     shapes = SHAPES[:3]
-    mod = MSDeformAttn(dim, heads, len(shapes), points).double()
-    with torch.no_grad():
-        for prm in mod.parameters():
-            prm.normal_(0, 0.3)
+    mod = _random_module(dim, heads, len(shapes), points, std=0.3)
     n, lq, s = 1, 4, sum(h * w for h, w in shapes)
     query = torch.randn(n, lq, dim, dtype=torch.float64)
     value_in = torch.randn(n, s, dim, dtype=torch.float64)

@@ -204,7 +204,8 @@ class DetectionTask:
     @staticmethod
     def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, int], out: Tuple[int, int],
                     chunk: int = 4) -> torch.Tensor:
-        """Binary masks at the input image's size (MaskDINO / Mask2Former inference).
+        """Binary masks at the input image's size (paper §4.3: a localization task's masks are
+        its proposals' own; MaskDINO-style bilinear upsampling of the stride-4 mask logits).
 
         Args:
             logits: (K, Hm, Wm) mask logits of the padded image.  size: (h, w) resized image.
