@@ -39,6 +39,7 @@ from PIL import Image
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.tasks.retrieval import RetrievalTask
+from up2.modeling.unified_decoder import SPE_POSITION
 
 __all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]
 
@@ -220,7 +221,7 @@ class GeneralistPredictor:
 
         def embed(xs):
             enc = self.model.encode_image(xs, task.family)
-            return list(self.model.unified_decoder(enc.tokens.batch)[:, 0])
+            return list(self.model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0])
 
         with self.model.inference_autocast():
             img = torch.stack(self._map(list(images), batch_size, embed))

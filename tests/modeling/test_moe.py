@@ -225,3 +225,38 @@ def test_dense_default_is_unchanged_by_config_without_or_disabled_moe():
     for other in (b, c):
         sa, so = a.state_dict(), other.state_dict()
         assert sa.keys() == so.keys() and all(torch.equal(sa[k], so[k]) for k in sa)
+
+
+@pytest.mark.parametrize("outputs", [slice(0, 1), slice(2, 6), slice(-1, None), slice(1, None), slice(0, 8)])
+def test_unified_decoder_outputs_equal_the_full_forward_rows(outputs):
+    """``outputs`` (the positions a task reads) changes only how much the last layer computes:
+    in eval the rows equal the full forward's (prefix-causal, padding, MoE routing by the kept
+    rows' attributes); in training they are the full forward's rows, and the balance loss is
+    the full forward's."""
+    torch.manual_seed(0)
+    dec = UnifiedDecoder(_moe_cfg())
+    B, T = 2, 7
+    pad = torch.zeros(B, T, dtype=torch.bool)
+    pad[1, -2:] = True
+    batch = TokenBatch(tokens=torch.randn(B, T, D), padding_mask=pad, attributes=_mixed_attributes(B),
+                       attention=AttentionKind.PREFIX_CAUSAL, prefix_length=torch.tensor([3, 3]))
+    dec.eval()
+    full = dec(batch)
+    part = dec(batch, outputs=outputs)
+    assert part.shape == full[:, outputs].shape
+    torch.testing.assert_close(part, full[:, outputs], rtol=0, atol=1e-6)
+    dec.train()
+    full = dec(batch)
+    balance = dec.pop_balance_loss()
+    part = dec(batch, outputs=outputs)
+    torch.testing.assert_close(part, full[:, outputs], rtol=0, atol=0)
+    torch.testing.assert_close(dec.pop_balance_loss(), balance, rtol=0, atol=0)
+
+
+def test_unified_decoder_outputs_must_be_a_unit_step_slice():
+    dec = UnifiedDecoder(_moe_cfg()).eval()
+    batch = TokenBatch(tokens=torch.randn(1, 3, D), padding_mask=torch.zeros(1, 3, dtype=torch.bool),
+                       attributes=_mixed_attributes(1)[:, :3])
+    for bad in (slice(0, 4, 2), 0, [0, 1]):
+        with pytest.raises(ValueError, match="outputs must be a slice"):
+            dec(batch, outputs=bad)

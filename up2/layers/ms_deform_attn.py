@@ -401,15 +401,20 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, s, m, self.embed_dim // m)
 
         weights = _softmax_last(self.attention_weights(query).view(n, lq, m, lv * p)).view(n, lq, m, lv, p)
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, p, 2)
+        offsets = self.sampling_offsets(query)  # (N, Lq, M * L * P * 2)
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: reference + offset / (w, h), as one fused
-            # multiply-add (one pass over the (N, Lq, M, L, P, 2) offsets instead of two), in the
-            # reference points' precision (bf16 offsets under autocast are widened first).
+            # multiply-add in the reference points' precision (bf16 offsets under autocast are
+            # widened first). Every operand is laid out with the (L, P, 2) values of one head as
+            # its contiguous last dim: broadcasting over P and xy in the last dims instead made
+            # the pass 5x slower (15 vs 2.8 ms on (1, 17850, 8, 3, 4, 2) float32).
+            ref = reference_points[:, :, :, None, :].expand(n, lq, lv, p, 2).reshape(n, lq, 1, lv * p * 2)
             inv_wh = 1.0 / torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=reference_points.dtype)
-            locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets.to(reference_points.dtype),
-                                      inv_wh[None, None, None, :, None, :])
+            inv_wh = inv_wh[:, None, :].expand(lv, p, 2).reshape(lv * p * 2)
+            locations = torch.addcmul(ref, offsets.view(n, lq, m, lv * p * 2).to(reference_points.dtype), inv_wh)
+            locations = locations.view(n, lq, m, lv, p, 2)
         else:
+            offsets = offsets.view(n, lq, m, lv, p, 2)
             locations = (
                 reference_points[:, :, None, :, None, :2]
                 + offsets * (reference_points[:, :, None, :, None, 2:] * (0.5 / p))

@@ -16,6 +16,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from up2.layers.frozen_bn import fold_frozen_batchnorm
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
@@ -122,6 +123,9 @@ class UniPerceiverV2(nn.Module):
             channels_last: cfg.MODEL.CHANNELS_LAST: the conv weights of the backbone and the
                 proposal network and the padded image batch are stored channels-last (NHWC),
                 so every feature map stays NHWC; values are unchanged up to float rounding.
+
+        The backbone's conv + FrozenBN pairs run as one folded convolution when no gradient is
+        recorded (``up2.layers.frozen_bn``); parameters and checkpoints are unchanged.
         """
         super().__init__()
         if not tasks:
@@ -144,6 +148,8 @@ class UniPerceiverV2(nn.Module):
         if channels_last:  # 4-D parameters only (the convs); kept by .to(device) and load_state_dict
             self.backbone.to(memory_format=torch.channels_last)
             self.proposal_network.to(memory_format=torch.channels_last)
+        # conv + FrozenBN as one convolution when no gradient is recorded (same parameters)
+        fold_frozen_batchnorm(self.backbone)
 
     @classmethod
     def from_config(cls, cfg):

@@ -20,7 +20,9 @@ from up2.modeling.moe import ConditionalMoE
 from up2.modeling.token_attributes import ATTRIBUTE_DIM
 from up2.structures import AttentionKind, TokenBatch
 
-__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "build_attention_mask"]
+__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "build_attention_mask", "SPE_POSITION"]
+
+SPE_POSITION = slice(0, 1)  # ``UnifiedDecoder.forward(..., outputs=SPE_POSITION)``: only [SPE] is read
 
 
 def build_attention_mask(batch: TokenBatch) -> torch.Tensor:
@@ -85,14 +87,25 @@ class UnifiedDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None) -> torch.Tensor:
-        """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend). Returns (B, T, d)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None,
+                rows: Optional[slice] = None) -> torch.Tensor:
+        """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend); attributes: (B, T, A)
+        or None. Returns (B, T, d); with ``rows`` (a slice of the T positions) only those
+        positions are computed, as queries over all T keys: (B, len(rows), d)."""
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        shape = (B, -1, self.num_heads, d // self.num_heads)
+        if rows is None:
+            q, k, v = self.qkv(x).view(B, T, 3, *shape[2:]).permute(2, 0, 3, 1, 4)
+        else:  # queries of the kept rows only; keys and values of every token
+            kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])
+            k, v = kv.view(B, T, 2, *shape[2:]).permute(2, 0, 3, 1, 4)
+            x, attn_mask = x[:, rows], attn_mask[:, :, rows]
+            attributes = None if attributes is None else attributes[:, rows]
+            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(shape).transpose(1, 2)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        x = self.norm1(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(B, T, d))))
+        x = self.norm1(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(x.shape))))
         return self.norm2(x + self.dropout(self.ffn(x, attributes)))
 
 
@@ -177,20 +190,35 @@ class UnifiedDecoder(nn.Module):
             prefix_length=prefix,
         )
 
-    def forward(self, batch: TokenBatch) -> torch.Tensor:
+    def forward(self, batch: TokenBatch, outputs: Optional[slice] = None) -> torch.Tensor:
         """Encode a token batch.
 
         Args:
             batch: TokenBatch WITHOUT ``[SPE]``: tokens (B, T, d) float, padding_mask (B, T) bool.
+            outputs: the positions (of the T + 1, ``[SPE]`` at 0) the caller reads, as a slice
+                with step 1, e.g. ``slice(0, 1)`` for ``[SPE]``; None for all. In eval mode the
+                last layer then computes only those positions (queries over every key): the
+                same values for a fraction of its cost. In training every layer runs in full,
+                so the MoE load-balancing loss still sees every token.
 
         Returns:
-            (B, T + 1, d) float: position 0 is ``[SPE]``, position i + 1 is input token i.
+            (B, T + 1, d) float: position 0 is ``[SPE]``, position i + 1 is input token i; with
+            ``outputs``, ``out[:, outputs]`` of that.
+
+        Raises:
+            ValueError: a token width other than d, or ``outputs`` not a slice with step 1.
         """
         if batch.tokens.shape[-1] != self.embed_dim:
             raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
+        if outputs is not None and (not isinstance(outputs, slice) or outputs.step not in (None, 1)):
+            raise ValueError(f"outputs must be a slice with step 1 (or None), got {outputs!r}")
         batch = self.with_spe(batch)
         mask = build_attention_mask(batch)
         x = self.input_dropout(self.input_norm(batch.tokens))
-        for layer in self.layers:
-            x = layer(x, mask, batch.attributes)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            rows = outputs if i == last and not self.training else None
+            x = layer(x, mask, batch.attributes, rows)
+        if outputs is not None and (self.training or not self.layers):
+            x = x[:, outputs]
         return x

@@ -36,10 +36,18 @@ class DeformableEncoderLayer(nn.Module):
     """One deformable encoder layer: MSDeformAttn self-attention then an FFN, each followed
     by residual + LayerNorm (post-norm, Deformable DETR).
 
+    Without autograd the FFN runs over ``ffn_chunk`` tokens at a time (the same rows, the same
+    result): at 800x1067 the (S, ffn_dim) hidden of all S = 17,850 tokens is a 73 MB float32
+    buffer, which the allocator maps fresh (page faults) on every call; 4,096-token pieces are
+    reused from the heap and stay in cache. Measured on one layer, 2 threads: 110 -> 82 ms fp32,
+    41 -> 28 ms bf16.
+
     Args:
         dim: D.  num_heads: M.  num_levels: L.  num_points: P.  ffn_dim: FFN hidden width.
         dropout: dropout probability after attention and inside / after the FFN.
     """
+
+    ffn_chunk = 4096  # tokens per FFN piece without autograd
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int, dropout: float):
         super().__init__()
@@ -65,9 +73,17 @@ class DeformableEncoderLayer(nn.Module):
         """
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
+        if torch.is_grad_enabled() or src.shape[1] <= self.ffn_chunk:
+            return self.norm2(src + self.dropout3(self._ffn(src)))
+        out = torch.empty_like(src)
+        for start in range(0, src.shape[1], self.ffn_chunk):
+            piece = src[:, start : start + self.ffn_chunk]
+            torch.add(piece, self.dropout3(self._ffn(piece)), out=out[:, start : start + self.ffn_chunk])
+        return self.norm2(out)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         # in place: ReLU's backward needs only its output, and linear1 keeps its own input
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.linear2(self.dropout2(F.relu(self.linear1(x), inplace=True)))
 
 
 class MSDeformAttnPixelDecoder(nn.Module):

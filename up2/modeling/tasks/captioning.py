@@ -107,7 +107,8 @@ class CaptioningTask:
         done = torch.zeros(N * K, dtype=torch.bool, device=model.device)
         for _ in range(max_length):
             pad = torch.zeros_like(seqs, dtype=torch.bool)
-            out = model.unified_decoder(self._sequence(img, te.embed_tokens(seqs), pad))[:, -1]
+            seq = self._sequence(img, te.embed_tokens(seqs), pad)
+            out = model.unified_decoder(seq, outputs=slice(-1, None))[:, 0]  # the last position
             logp = model.likelihood(out, targets).log_softmax(-1)  # (N*K, V)
             # finished beams extend with padding at no cost
             pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])

@@ -13,6 +13,7 @@ import torch
 
 from up2.modeling.tasks.base import TaskSpec, register_task
 from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.unified_decoder import SPE_POSITION
 
 __all__ = ["ClassificationTask"]
 
@@ -39,7 +40,7 @@ class ClassificationTask:
         if len(names) == 0:
             raise ValueError("class_names is empty: give at least one class name")
         enc = model.encode_image(batched_inputs, self.family)
-        x = model.unified_decoder(enc.tokens.batch)[:, 0]  # (N, d) at [SPE]
+        x = model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0]  # (N, d) at [SPE]
         logits = model.likelihood(x, model.embed_targets(names, self.family))  # (N, C)
         if model.training:
             target = torch.tensor([_class_id(d, i) for i, d in enumerate(batched_inputs)], device=logits.device)

@@ -94,9 +94,8 @@ class DetectionTask:
             batched_inputs, self.family, lambda images: instances_to_targets(batched_inputs, images, self.with_masks)
         )
         tokens = enc.tokens
-        out = model.unified_decoder(tokens.batch)  # (N, 1 + T, d)
-        start = 1 + tokens.regional_start
-        region = out[:, start : start + tokens.regional_index.shape[1]]
+        start = 1 + tokens.regional_start  # [SPE] comes first
+        region = model.unified_decoder(tokens.batch, outputs=slice(start, start + tokens.regional_index.shape[1]))
         class_emb = model.embed_targets(names, self.family)
         if model.training:
             losses = dict(enc.proposal_losses)

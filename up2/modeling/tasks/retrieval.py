@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from up2.modeling.tasks.base import TaskSpec, register_task
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.unified_decoder import SPE_POSITION
 from up2.structures import TokenBatch
 
 __all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
@@ -82,13 +83,14 @@ class RetrievalTask:
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.TARGET,
                                          attention=TokenAttention.BIDIRECTIONAL, task=self.family,
                                          device=feats.device, dtype=feats.dtype)
-        return model.unified_decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes))[:, 0]
+        batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
+        return model.unified_decoder(batch, outputs=SPE_POSITION)[:, 0]
 
     def __call__(self, model, batched_inputs: Sequence[dict]):
         """Raises: KeyError for an input without "caption" (training) / "captions" (eval);
         ValueError for an empty caption list."""
         enc = model.encode_image(batched_inputs, self.family)
-        img = model.unified_decoder(enc.tokens.batch)[:, 0]  # (N, d)
+        img = model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0]  # (N, d)
         if model.training:
             captions = [_field(d, "caption", i) for i, d in enumerate(batched_inputs)]
             txt = self.encode_texts(model, captions)

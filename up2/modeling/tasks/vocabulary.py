@@ -14,6 +14,7 @@ import torch
 from detectron2.data import DatasetCatalog
 
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.unified_decoder import SPE_POSITION
 from up2.structures import TokenBatch
 
 __all__ = ["VocabularyTargets", "dataset_texts"]
@@ -108,7 +109,8 @@ class VocabularyTargets:
                 attributes = constant_attributes(*part.shape, modality=Modality.TEXT, role=Role.TARGET,
                                                  attention=TokenAttention.BIDIRECTIONAL, task=family,
                                                  device=feats.device, dtype=feats.dtype)
-                outs.append(model.unified_decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes))[:, 0])
+                batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
+                outs.append(model.unified_decoder(batch, outputs=SPE_POSITION)[:, 0])
             return torch.cat(outs)
 
         if model.training:
