@@ -189,3 +189,43 @@ def test_inference_ffn_in_chunks_equals_whole(chunk):
         bf16_whole = dec(feats, pad)
     # bf16 GEMMs of different row counts may round differently: a few bf16 ulps (2**-7 relative)
     torch.testing.assert_close(bf16.memory.float(), bf16_whole.memory.float(), rtol=0.03, atol=0.03)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_of_channels_last_input_returns_nchw(bias):
+    """The mask-feature 1x1 conv as one GEMM: same values as the conv, NCHW-contiguous output for a
+    channels-last input (what the mask-logit products want); other inputs and convs go through
+    the conv itself."""
+    from detectron2.layers import Conv2d
+
+    from up2.modeling.proposal.pixel_decoder import _pointwise_conv_nchw
+
+    torch.manual_seed(0)
+    conv = Conv2d(6, 5, kernel_size=1, bias=bias)
+    x = torch.randn(2, 6, 7, 9)
+    ref = conv(x)
+    out = _pointwise_conv_nchw(conv, x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous() and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    out.sum().backward()  # differentiable like the conv
+    assert conv.weight.grad is not None
+    torch.testing.assert_close(_pointwise_conv_nchw(conv, x), ref)  # NCHW input: the conv
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = _pointwise_conv_nchw(conv, x.contiguous(memory_format=torch.channels_last))
+    assert low.dtype == torch.bfloat16 and low.is_contiguous()
+    torch.testing.assert_close(low.float(), ref, rtol=0.02, atol=0.05)
+    relu = Conv2d(6, 5, kernel_size=1, activation=torch.relu)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(_pointwise_conv_nchw(relu, cl), relu(cl))  # activation: the conv itself
+
+
+def test_channels_last_decoder_gives_nchw_mask_features_equal_to_nchw_decoder():
+    dec = _decoder().eval()
+    feats = _features()
+    with torch.no_grad():
+        ref = dec(feats)
+        dec.to(memory_format=torch.channels_last)
+        out = dec({k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()})
+    assert out.mask_features.is_contiguous()
+    torch.testing.assert_close(out.mask_features, ref.mask_features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.memory, ref.memory, rtol=1e-4, atol=1e-5)
