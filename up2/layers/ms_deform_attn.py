@@ -395,9 +395,16 @@ class MSDeformAttn(nn.Module):
             if tuple(value_padding_mask.shape) != (n, s) or value_padding_mask.dtype != torch.bool:
                 raise ValueError(f"value_padding_mask must be (N={n}, S={s}) bool, got "
                                  f"{tuple(value_padding_mask.shape)} {value_padding_mask.dtype}")
-            # value_proj's output is a fresh tensor: zero it in place when no graph is recorded
-            fill = value.masked_fill_ if not torch.is_grad_enabled() else value.masked_fill
-            value = fill(value_padding_mask[..., None], 0.0)
+            if torch.is_grad_enabled():
+                value = value.masked_fill(value_padding_mask[..., None], 0.0)
+            elif value.device.type == "cpu":
+                # value_proj's output is a fresh tensor: zero its padded rows in place. Writing only
+                # those rows beats a masked pass over all of them (0.13 vs 2.0 ms fp32, 3.6 ms bf16
+                # on (1, 17850, 256) with 2% padding); on GPUs nonzero() would synchronise.
+                rows = value_padding_mask.reshape(-1).nonzero().squeeze(1)
+                value.view(-1, value.shape[-1]).index_fill_(0, rows, 0.0)
+            else:
+                value.masked_fill_(value_padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
         weights = _softmax_last(self.attention_weights(query).view(n, lq, m, lv * p)).view(n, lq, m, lv, p)
