@@ -72,18 +72,44 @@ class ProposalOutput:
     Attributes:
         sem: (N, Q, D) float, q^sem, the decoder's query features.
         boxes: (N, Q, 4) float, q^box, normalised cxcywh w.r.t. the padded image.
-        masks: (N, Q, Hm, Wm) float, q^mask logits at stride 4.
+        masks: (N, Q, Hm, Wm) float, q^mask logits at stride 4; None when the network was
+            asked for lazy masks (inference), then ``mask_embed`` and ``mask_features`` are set
+            and ``masks_of`` computes the logits of the proposals actually read.
         objectness: (N, Q) float, foreground logit of the binary classifier.
         matches: during training, one (pred_idx (M,), tgt_idx (M,)) int64 pair per image from
             the Hungarian matcher on the last layer (the same matching the losses use);
             None at inference.
+        mask_embed: (N, Q, D) float mask embeddings (the mask head's output) or None.
+        mask_features: (N, D, Hm, Wm) float stride-4 mask features or None.
     """
 
     sem: torch.Tensor
     boxes: torch.Tensor
-    masks: torch.Tensor
+    masks: Optional[torch.Tensor]
     objectness: torch.Tensor
     matches: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    mask_embed: Optional[torch.Tensor] = None
+    mask_features: Optional[torch.Tensor] = None
+
+    def masks_of(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mask logits of the proposals ``index`` (N, R) int64 -> (N, R, Hm, Wm) float; all Q
+        proposals (N, Q, Hm, Wm) when ``index`` is None. Computed from ``mask_embed`` and
+        ``mask_features`` (only R mask products) when ``masks`` is None.
+
+        Raises:
+            ValueError: neither ``masks`` nor both ``mask_embed`` and ``mask_features`` are set.
+        """
+        if self.masks is not None:
+            if index is None:
+                return self.masks
+            idx = index[:, :, None, None].expand(-1, -1, *self.masks.shape[2:])
+            return torch.gather(self.masks, 1, idx)
+        if self.mask_embed is None or self.mask_features is None:
+            raise ValueError("ProposalOutput has no masks: set masks, or mask_embed and mask_features")
+        emb = self.mask_embed
+        if index is not None:
+            emb = torch.gather(emb, 1, index[:, :, None].expand(-1, -1, emb.shape[-1]))
+        return torch.einsum("nrd,ndhw->nrhw", emb, self.mask_features)
 
 
 class AttentionKind(Enum):

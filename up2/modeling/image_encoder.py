@@ -35,11 +35,13 @@ class ImageTokens:
         batch: TokenBatch with tokens (N, M' + h*w + R, d) and its padding mask.
         regional_start: index of the first regional token inside the sequence (without [SPE]).
         regional_index: (N, R) int64, which proposal (0..Q-1) each regional token comes from.
+        regional_masks: (N, R, Hm, Wm) float mask logits of those proposals.
     """
 
     batch: TokenBatch
     regional_start: int
     regional_index: torch.Tensor
+    regional_masks: torch.Tensor
 
 
 def select_regional_proposals(
@@ -173,17 +175,21 @@ class ImageEncoder(nn.Module):
         pooled_pad = torch.zeros(N, pooled.shape[1], dtype=torch.bool, device=x.device)
         return torch.cat([pooled, x], dim=1), torch.cat([pooled_pad, pad], dim=1)
 
-    def regional_tokens(self, proposals: ProposalOutput, index: torch.Tensor) -> torch.Tensor:
+    def regional_tokens(self, proposals: ProposalOutput, index: torch.Tensor, masks: Optional[torch.Tensor] = None
+                        ) -> torch.Tensor:
         """Eq. 2 for the selected proposals.
 
         Args:
-            proposals: sem (N, Q, D), boxes (N, Q, 4) cxcywh, masks (N, Q, Hm, Wm) logits.
+            proposals: sem (N, Q, D), boxes (N, Q, 4) cxcywh, and masks (see ``ProposalOutput.masks_of``).
             index: (N, R) int64 proposal indices.
+            masks: (N, R, Hm, Wm) mask logits of those proposals when already computed, else None.
 
         Returns:
             (N, R, d): Linear(q^sem) + Linear(PE(q^box)) + Linear(AvgPool_28x28(sigmoid(q^mask))).
         """
-        sem, boxes, masks = (gather_proposals(t, index) for t in (proposals.sem, proposals.boxes, proposals.masks))
+        sem, boxes = (gather_proposals(t, index) for t in (proposals.sem, proposals.boxes))
+        if masks is None:
+            masks = proposals.masks_of(index)
         N, R = index.shape
         pooled = F.adaptive_avg_pool2d(masks.sigmoid().flatten(0, 1)[:, None], self.mask_pool_size)
         pooled = pooled.view(N, R, -1)
@@ -208,10 +214,11 @@ class ImageEncoder(nn.Module):
         """
         g_tokens, g_pad = self.global_tokens(feature, image_sizes)
         index = select_regional_proposals(proposals.objectness, self.num_regional_tokens, proposals.matches)
-        r_tokens = self.regional_tokens(proposals, index)
+        masks = proposals.masks_of(index)  # (N, R, Hm, Wm): only R mask products when masks are lazy
+        r_tokens = self.regional_tokens(proposals, index, masks)
         r_pad = torch.zeros(r_tokens.shape[:2], dtype=torch.bool, device=r_tokens.device)
         batch = TokenBatch(
             tokens=torch.cat([g_tokens, r_tokens.to(g_tokens.dtype)], dim=1),
             padding_mask=torch.cat([g_pad, r_pad], dim=1),
         )
-        return ImageTokens(batch=batch, regional_start=g_tokens.shape[1], regional_index=index)
+        return ImageTokens(batch=batch, regional_start=g_tokens.shape[1], regional_index=index, regional_masks=masks)

@@ -238,7 +238,8 @@ class UniPerceiverV2(nn.Module):
         images, pad = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         targets = targets_fn(images) if (self.training and targets_fn is not None) else None
-        proposals, losses = self.proposal_network(features, targets, padding_mask=pad)
+        # without targets only the R regional proposals' masks are read: computed in image_encoder
+        proposals, losses = self.proposal_network(features, targets, padding_mask=pad, lazy_masks=targets is None)
         tokens = self.image_encoder(features[self.global_feature], images.image_sizes, proposals)
         batch = tokens.batch
         batch.attributes = constant_attributes(

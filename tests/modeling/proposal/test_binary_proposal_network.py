@@ -110,3 +110,31 @@ def test_bf16_autocast_forward_backward():
         _, losses = net(_features(n=2), [_targets(), _empty()])
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
+
+
+def test_lazy_masks_equal_the_computed_masks():
+    """``lazy_masks``: the last layer's mask products are left to ``ProposalOutput.masks_of``,
+    which gives the same logits for any subset of proposals (and for all of them); with targets
+    the flag is ignored (the losses need every mask)."""
+    net = _net().eval()
+    feats = _features(n=2)
+    with torch.no_grad():
+        eager, _ = net(feats)
+        lazy, _ = net(feats, lazy_masks=True)
+    assert eager.masks is not None and eager.mask_embed is None
+    assert lazy.masks is None and lazy.mask_embed.shape == (2, 10, 32) and lazy.mask_features.shape[:2] == (2, 32)
+    for name in ("sem", "boxes", "objectness"):
+        assert torch.equal(getattr(lazy, name), getattr(eager, name)), name
+    index = torch.tensor([[3, 0, 9], [9, 9, 1]])
+    for out in (eager, lazy):
+        picked = out.masks_of(index)
+        assert picked.shape == (2, 3) + eager.masks.shape[2:]
+        for n in range(2):
+            for r in range(3):
+                torch.testing.assert_close(picked[n, r], eager.masks[n, index[n, r]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(lazy.masks_of(), eager.masks, rtol=0, atol=1e-5)
+    net.train()
+    trained, _ = net(feats, [_targets(), _targets()], lazy_masks=True)
+    assert trained.masks is not None and trained.mask_embed is None
+    with pytest.raises(ValueError, match="no masks"):
+        ProposalOutput(sem=eager.sem, boxes=eager.boxes, masks=None, objectness=eager.objectness).masks_of(index)

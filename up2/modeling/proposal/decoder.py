@@ -75,12 +75,15 @@ class ProposalPredictions:
         objectness: (N, Q) float foreground logits.
         boxes: (N, Q, 4) float, normalised cxcywh in (0, 1).
         masks: (N, Q, Hm, Wm) float mask logits; None for the intermediate layers when the
-            decoder runs without targets, where nothing reads them (see ``ProposalDecoder.forward``).
+            decoder runs without targets, where nothing reads them (see ``ProposalDecoder.forward``),
+            and for the last layer when it runs with ``lazy_masks``.
+        mask_embed: (N, Q, D) float mask embeddings of the last layer with ``lazy_masks``, else None.
     """
 
     objectness: torch.Tensor
     boxes: torch.Tensor
     masks: Optional[torch.Tensor]
+    mask_embed: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -261,17 +264,23 @@ class ProposalDecoder(nn.Module):
         mask_features: torch.Tensor,
         objectness: Optional[torch.Tensor] = None,
         with_masks: bool = True,
+        lazy_masks: bool = False,
     ) -> ProposalPredictions:
         """Shared heads. queries (N, X, D) un-normalised, boxes (N, X, 4) normalised cxcywh,
         mask_features (N, D, Hm, Wm); ``objectness`` (N, X) replaces the objectness head when
-        given; ``with_masks=False`` skips the mask head (masks None). Returns ProposalPredictions."""
+        given; ``with_masks=False`` skips the mask head (masks None); ``lazy_masks`` keeps the
+        mask embeddings (N, X, D) instead of their product with the mask features (masks None).
+        Returns ProposalPredictions."""
         normed = self.decoder_norm(queries)
-        masks = None
+        masks = mask_embed = None
         if with_masks:
-            masks = torch.einsum("nqd,ndhw->nqhw", self.mask_embed(normed), mask_features)
+            mask_embed = self.mask_embed(normed)
+            if not lazy_masks:
+                masks = torch.einsum("nqd,ndhw->nqhw", mask_embed, mask_features)
+                mask_embed = None
         if objectness is None:
             objectness = self.objectness_head(normed)[..., 0]
-        return ProposalPredictions(objectness, boxes, masks)
+        return ProposalPredictions(objectness, boxes, masks, mask_embed)
 
     @staticmethod
     def boxes_from_masks(mask_logits: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -324,7 +333,7 @@ class ProposalDecoder(nn.Module):
 
     # ------------------------------------------------------------------ decoder
     def forward(
-        self, enc: PixelDecoderOutput, gt_boxes: Optional[Sequence[torch.Tensor]] = None
+        self, enc: PixelDecoderOutput, gt_boxes: Optional[Sequence[torch.Tensor]] = None, lazy_masks: bool = False
     ) -> ProposalDecoderOutput:
         """Select queries and decode them.
 
@@ -334,6 +343,9 @@ class ProposalDecoder(nn.Module):
                 from (ignored when ``dn_num`` is 0 or the module is in eval mode); None otherwise.
                 With targets every layer predicts masks (the losses need them); without, only the
                 last layer does (the others' ``masks`` are None).
+            lazy_masks: without targets, the last layer keeps its mask embeddings (``mask_embed``)
+                and leaves ``masks`` None, for callers that need the masks of a few proposals only
+                (``ProposalOutput.masks_of``). Ignored with targets.
 
         Returns:
             ProposalDecoderOutput (interm, ``num_layers + 1`` predictions, q^sem, denoising).
@@ -371,12 +383,14 @@ class ProposalDecoder(nn.Module):
                         attn_mask, key_padding_mask)
             new_boxes = (self.box_head(tgt) + inverse_sigmoid(ref_boxes)).sigmoid()
             last = i == len(self.layers) - 1
-            stages.append(self.predict(tgt, new_boxes, enc.mask_features, with_masks=all_masks or last))
+            stages.append(self.predict(tgt, new_boxes, enc.mask_features, with_masks=all_masks or last,
+                                       lazy_masks=last and lazy_masks and not all_masks))
             ref_boxes = new_boxes.detach()
 
         def split(p: ProposalPredictions, part: slice) -> ProposalPredictions:
             masks = None if p.masks is None else p.masks[:, part]
-            return ProposalPredictions(p.objectness[:, part], p.boxes[:, part], masks)
+            embed = None if p.mask_embed is None else p.mask_embed[:, part]
+            return ProposalPredictions(p.objectness[:, part], p.boxes[:, part], masks, embed)
 
         matching = [split(p, slice(t, None)) for p in stages]
         dn_layers = [split(p, slice(0, t)) for p in stages] if dn is not None else None

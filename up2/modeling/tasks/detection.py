@@ -108,7 +108,7 @@ class DetectionTask:
             model.likelihood(region, class_emb),
             gather_proposals(enc.proposals.objectness, idx),
             gather_proposals(enc.proposals.boxes, idx),
-            gather_proposals(enc.proposals.masks, idx),
+            tokens.regional_masks,
             enc.images,
             batched_inputs,
         )
