@@ -97,8 +97,13 @@ class ProposalOutput:
         ``mask_features`` (only R mask products) when ``masks`` is None.
 
         Raises:
-            ValueError: neither ``masks`` nor both ``mask_embed`` and ``mask_features`` are set.
+            ValueError: ``index`` not (N, R) int64 with this output's N, or neither ``masks``
+                nor both ``mask_embed`` and ``mask_features`` are set.
         """
+        n = self.objectness.shape[0]
+        if index is not None and (index.dim() != 2 or index.shape[0] != n or index.dtype != torch.int64):
+            raise ValueError(f"masks_of: index must be (N={n}, R) int64 proposal indices, got "
+                             f"{tuple(index.shape)} {index.dtype}")
         if self.masks is not None:
             if index is None:
                 return self.masks

@@ -522,6 +522,7 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
     precision are not cached yet, so their first calls are the uncached ones. fvcore counts
     only at fp32 (the table reuses them for bf16 rows)."""
     from up2.modeling.token_attributes import TaskFamily
+    from up2.modeling.unified_decoder import SPE_POSITION
 
     h, w = size
     g = torch.Generator().manual_seed(h * 10000 + w)
@@ -534,7 +535,7 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
     def image_only(inputs, family=TaskFamily.CLASSIFICATION):
         with model.inference_autocast():
             enc = model.encode_image(inputs, family)
-            return model.unified_decoder(enc.tokens.batch)
+            return model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)  # what classification reads
 
     last_caption = []
 
@@ -571,7 +572,7 @@ def up2_rows(model, seg_task: str, size, args, names, first_size: bool, precisio
         with memory_format(model, channels_last=False):
             add("det-nchw", "the same, NCHW layout (MODEL.CHANNELS_LAST False)", lambda: model(one, task=seg_task))
     # image-only and classification: timed interleaved, the ratio is the median of paired ratios
-    pair = {"image": ("up2 image-only forward (f_image + g, no heads)", lambda: image_only(one), image_only,
+    pair = {"image": ("up2 image-only forward (f_image + g up to [SPE], no heads)", lambda: image_only(one), image_only,
                       args.warmup),
             "cls": (f"up2 classification, {len(names)} names (cached)",
                     lambda: model(one, task="SPEED_CLS", class_names=names),

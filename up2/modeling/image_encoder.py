@@ -35,13 +35,14 @@ class ImageTokens:
         batch: TokenBatch with tokens (N, M' + h*w + R, d) and its padding mask.
         regional_start: index of the first regional token inside the sequence (without [SPE]).
         regional_index: (N, R) int64, which proposal (0..Q-1) each regional token comes from.
-        regional_masks: (N, R, Hm, Wm) float mask logits of those proposals.
+        regional_masks: (N, R, Hm, Wm) float mask logits of those proposals (set by
+            ``ImageEncoder``; None from other constructors: ``ProposalOutput.masks_of`` gives them).
     """
 
     batch: TokenBatch
     regional_start: int
     regional_index: torch.Tensor
-    regional_masks: torch.Tensor
+    regional_masks: Optional[torch.Tensor] = None
 
 
 def select_regional_proposals(

@@ -136,5 +136,9 @@ def test_lazy_masks_equal_the_computed_masks():
     net.train()
     trained, _ = net(feats, [_targets(), _targets()], lazy_masks=True)
     assert trained.masks is not None and trained.mask_embed is None
+    for bad in (torch.tensor([[0, 1]]), torch.tensor([0, 1]), index.int(), index.float()):  # wrong N, rank, dtype
+        for out in (eager, lazy):
+            with pytest.raises(ValueError, match=r"index must be \(N=2, R\) int64"):
+                out.masks_of(bad)
     with pytest.raises(ValueError, match="no masks"):
         ProposalOutput(sem=eager.sem, boxes=eager.boxes, masks=None, objectness=eager.objectness).masks_of(index)

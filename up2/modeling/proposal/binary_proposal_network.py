@@ -104,9 +104,9 @@ class BinaryProposalNetwork(nn.Module):
         Returns:
             (ProposalOutput, losses): the last decoder layer's Q proposals (sem (N, Q, D),
             boxes (N, Q, 4) normalised cxcywh, masks (N, Q, Hm, Wm) logits (None with
-            ``lazy_masks``), objectness (N, Q)
-            logits, matches per image when targets are given, else None) and the weighted
-            losses keyed as ``loss_keys`` (``{}`` without targets).
+            ``lazy_masks``), objectness (N, Q) logits, matches per image when targets are
+            given, else None) and the weighted losses keyed as ``loss_keys`` (``{}`` without
+            targets).
 
         Raises:
             ValueError: malformed targets (shape, range, count) or features (see the parts).

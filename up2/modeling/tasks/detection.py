@@ -108,7 +108,7 @@ class DetectionTask:
             model.likelihood(region, class_emb),
             gather_proposals(enc.proposals.objectness, idx),
             gather_proposals(enc.proposals.boxes, idx),
-            tokens.regional_masks,
+            tokens.regional_masks if tokens.regional_masks is not None else enc.proposals.masks_of(idx),
             enc.images,
             batched_inputs,
         )

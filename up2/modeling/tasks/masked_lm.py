@@ -98,7 +98,8 @@ class MaskedLMTask:
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.INPUT,
                                          attention=TokenAttention.BIDIRECTIONAL, task=self.family,
                                          device=feats.device, dtype=feats.dtype)
-        out = model.unified_decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes))[:, 1:]
+        batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
+        out = model.unified_decoder(batch, outputs=slice(1, None))  # the text tokens, without [SPE]
         targets = vocab.embed(model, self.family)
         chosen = labels != IGNORE
         logits = model.likelihood(out[chosen], targets)  # (M, V)
