@@ -92,9 +92,10 @@ class ProposalOutput:
     mask_features: Optional[torch.Tensor] = None
 
     def masks_of(self, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Mask logits of the proposals ``index`` (N, R) int64 -> (N, R, Hm, Wm) float; all Q
-        proposals (N, Q, Hm, Wm) when ``index`` is None. Computed from ``mask_embed`` and
-        ``mask_features`` (only R mask products) when ``masks`` is None.
+        """q^mask (paper §4.1) of the proposals ``index`` (N, R) int64 -> (N, R, Hm, Wm) float
+        logits at stride 4; all Q proposals (N, Q, Hm, Wm) when ``index`` is None. Computed as
+        the dot product of ``mask_embed`` with ``mask_features`` (only R products) when ``masks``
+        is None.
 
         Raises:
             ValueError: ``index`` not (N, R) int64 with this output's N, or neither ``masks``
