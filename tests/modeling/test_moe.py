@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import CfgNode as CN
 
-from up2.modeling.moe import ConditionalMoE, switch_balance_loss
+from up2.modeling.moe import ConditionalMoE, gelu_of_fresh, switch_balance_loss
 from up2.modeling.token_attributes import (
     ATTRIBUTE_DIM,
     Modality,
@@ -181,6 +181,38 @@ def test_bf16_autocast_cpu():
     assert torch.isfinite(out).all() and torch.allclose(out.float(), ref, atol=0.1)
     out.float().sum().backward()
     assert moe.w1.grad is not None and moe.w1.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_of_fresh_is_gelu_in_place_only_without_autograd(dtype):
+    h = torch.randn(3, 5, 7).mul_(3).to(dtype)
+    expected = F.gelu(h)
+    with torch.no_grad():
+        fresh = h.clone()
+        out = gelu_of_fresh(fresh)
+    assert out.data_ptr() == fresh.data_ptr() and torch.equal(out, expected)  # in place, same values
+    keep = h.clone().requires_grad_(dtype == torch.float32)
+    out = gelu_of_fresh(keep)
+    assert out.data_ptr() != keep.data_ptr() and torch.equal(out, expected)  # autograd: a new tensor
+    if keep.requires_grad:
+        out.sum().backward()
+        torch.testing.assert_close(keep.grad, torch.autograd.functional.jacobian(
+            lambda t: F.gelu(t).sum(), h.clone()))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_moe_and_dense_ffn_give_the_same_output_with_and_without_autograd(autocast):
+    """The in-place GELU of inference changes nothing: no-grad outputs equal grad-mode ones bit for bit."""
+    torch.manual_seed(0)
+    moe = ConditionalMoE(D, F_DIM, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM)
+    dense = FeedForward(D, F_DIM, dropout=0.0)
+    x, attributes = torch.randn(2, 7, D), _mixed_attributes()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        grad = (moe(x, attributes), dense(x))
+        with torch.inference_mode():
+            inference = (moe(x, attributes), dense(x))
+    for a, b in zip(grad, inference):
+        assert torch.equal(a.detach(), b)
 
 
 def _moe_cfg(enabled=True):

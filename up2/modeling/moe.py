@@ -19,7 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConditionalMoE", "switch_balance_loss"]
+__all__ = ["ConditionalMoE", "switch_balance_loss", "gelu_of_fresh"]
+
+
+def gelu_of_fresh(h: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(h)`` (exact erf form) for an ``h`` nothing else holds, e.g. a matmul's fresh
+    output: in place when autograd is off, so inference does not allocate (and page-fault) a
+    second (N, f) buffer; with autograd, ``F.gelu`` (its backward needs ``h``). Same values:
+    bf16 / fp16 are computed in float32 and rounded back either way."""
+    if torch.is_grad_enabled():
+        return F.gelu(h)
+    return torch.ops.aten.gelu_(h)
 
 
 def switch_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -198,7 +208,7 @@ class ConditionalMoE(nn.Module):
         for g, chunk in enumerate(chunks):  # loop over the few distinct attribute rows
             idx = expert_idx[g]  # (k,)
             h = torch.baddbmm(self.b1[idx, None, :], chunk.expand(self.top_k, -1, -1), self.w1[idx])  # (k, n, f)
-            h = self.dropout(F.gelu(h))
+            h = self.dropout(gelu_of_fresh(h))
             y = torch.baddbmm(self.b2[idx, None, :], h, self.w2[idx])  # (k, n, d)
             outputs.append((weights[g].to(y.dtype)[:, None, None] * y).sum(0))  # (n, d)
         undo = torch.empty_like(order)

@@ -93,6 +93,81 @@ def test_boxes_from_masks_hand_computed():
     torch.testing.assert_close(boxes[0, 1], fallback[0, 1])  # empty mask -> fallback
 
 
+def _boxes_brute_force(logits, fallback):
+    """Per-mask loop over the pixels of ``logits > 0``: the reference for the vectorised boxes."""
+    n, q, h, w = logits.shape
+    out = fallback.clone()
+    for i in range(n):
+        for j in range(q):
+            ys, xs = torch.nonzero(logits[i, j] > 0, as_tuple=True)
+            if ys.numel():
+                xyxy = torch.tensor([[xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]])
+                out[i, j] = box_convert(xyxy, "xyxy", "cxcywh")[0]
+    return out
+
+
+def test_boxes_from_masks_match_a_pixel_loop():
+    g = torch.Generator().manual_seed(3)
+    # sparse blobs of every size, including single pixels, borders and empty masks
+    logits = torch.randn(2, 9, 12, 17, generator=g) - 2.2
+    logits[0, 0] = -1.0  # empty
+    logits[1, 1, 11, 16] = 5.0  # the bottom-right pixel
+    logits[1, 2] = 1.0  # everything
+    fallback = torch.rand(2, 9, 4, generator=g)
+    expected = _boxes_brute_force(logits, fallback)
+    torch.testing.assert_close(ProposalDecoder.boxes_from_masks(logits, fallback), expected)
+    torch.testing.assert_close(ProposalDecoder.boxes_from_masks(logits, fallback)[0, 0], fallback[0, 0])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
+def test_boxes_from_mask_embed_equal_boxes_of_the_full_logits(chunk):
+    g = torch.Generator().manual_seed(4)
+    n, q, d, h, w = 2, 13, 8, 10, 14
+    embed = torch.randn(n, q, d, generator=g)
+    feats = torch.randn(n, d, h, w, generator=g)
+    feats[:, -1] = 1.0  # a constant channel: embed[..., -1] is a bias that makes the masks sparse blobs
+    embed[..., -1] = -torch.linspace(0.0, 4.0, q)
+    embed[0, 3] = 0.0  # all logits 0: an empty mask
+    fallback = torch.rand(n, q, 4, generator=g)
+    logits = torch.einsum("nqd,ndhw->nqhw", embed, feats)
+    expected = _boxes_brute_force(logits, fallback)
+    got = ProposalDecoder.boxes_from_mask_embed(embed, feats, fallback, chunk=chunk)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got[0, 3], fallback[0, 3])
+    # channels-last mask features give the same boxes
+    cl = feats.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ProposalDecoder.boxes_from_mask_embed(embed, cl, fallback, chunk=chunk), expected)
+
+
+def test_boxes_from_mask_embed_rejects_bad_input():
+    embed, feats, fb = torch.randn(1, 3, 8), torch.randn(1, 8, 4, 4), torch.rand(1, 3, 4)
+    with pytest.raises(ValueError, match="chunk"):
+        ProposalDecoder.boxes_from_mask_embed(embed, feats, fb, chunk=0)
+    with pytest.raises(ValueError, match="mask_features"):
+        ProposalDecoder.boxes_from_mask_embed(embed, torch.randn(1, 7, 4, 4), fb)
+
+
+def test_lazy_selection_gives_the_same_queries_and_boxes():
+    """``lazy_masks`` at inference: the mask-initialised reference boxes (and so every layer's
+    output) are those of the computed selection masks; ``interm`` keeps its mask embeddings."""
+    dec = _decoder().eval()
+    enc = _enc(padding=True)
+    with torch.no_grad():
+        eager = dec(enc)
+        lazy = dec(enc, lazy_masks=True)
+    assert lazy.interm.masks is None and lazy.interm.mask_embed.shape == (2, 6, D)
+    torch.testing.assert_close(lazy.interm.boxes, eager.interm.boxes, rtol=0, atol=0)
+    for a, b in zip(eager.layers, lazy.layers):
+        torch.testing.assert_close(b.boxes, a.boxes, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.objectness, a.objectness, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lazy.query_features, eager.query_features, rtol=0, atol=1e-5)
+    # the selection boxes really came from the masks: they differ from the raw selection boxes
+    raw = _decoder(init_box_from_mask=False).eval()
+    with torch.no_grad():
+        plain = raw(enc, lazy_masks=True)
+    assert not torch.allclose(plain.layers[0].boxes, lazy.layers[0].boxes)
+
+
 def test_denoising_groups_noise_and_attention_mask():
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(D, generator=g)

@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
 from up2.config import add_up2_config
-from up2.modeling.proposal.pixel_decoder import MSDeformAttnPixelDecoder
+from up2.modeling.proposal.pixel_decoder import DeformableEncoderLayer, MSDeformAttnPixelDecoder
 from up2.modeling.proposal.position_encoding import box_sine_encoding, position_encoding_2d, sine_encode
 from up2.structures import PixelDecoderOutput
 
@@ -149,6 +149,28 @@ def test_position_encoding_2d_formula():
     assert torch.allclose(position_encoding_2d(torch.zeros(2, 5, 7, dtype=torch.bool), d), pos.expand(2, -1, -1, -1))
 
 
+def test_position_encoding_2d_equals_encoding_every_pixel():
+    """Encoding each distinct coordinate once and gathering gives exactly the per-pixel
+    encoding, for irregular masks too; the result's token view needs no copy."""
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(3, 9, 11, generator=g) > 0.6, torch.zeros(2, 6, 10, dtype=torch.bool),
+             torch.ones(1, 4, 4, dtype=torch.bool)]  # irregular, none padded, all padded
+    masks[1][1, 4:, :] = True
+    masks[1][1, :, 7:] = True
+    for mask in masks:
+        valid = (~mask).float()
+        y, x = valid.cumsum(1), valid.cumsum(2)
+        yx = torch.stack(((y - 0.5) / y[:, -1:].clamp(min=1), (x - 0.5) / x[:, :, -1:].clamp(min=1)), dim=-1)
+        expected = sine_encode(yx, 16).permute(0, 3, 1, 2)  # every pixel encoded
+        got = position_encoding_2d(mask, 32)
+        assert torch.equal(got, expected)
+        assert got.flatten(2).transpose(1, 2).is_contiguous()
+    rows, cols = (torch.arange(5) + 0.5) / 5, (torch.arange(7) + 0.5) / 7
+    yx = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
+    assert torch.equal(position_encoding_2d(None, 32, shape=(2, 5, 7)),
+                       sine_encode(yx, 16).permute(2, 0, 1).expand(2, -1, -1, -1))
+
+
 def test_box_sine_encoding_formula():
     boxes = torch.tensor([[[0.3, 0.6, 0.2, 0.9]], [[0.5, 0.5, 1.0, 0.01]]])
     enc = box_sine_encoding(boxes, 32)
@@ -189,6 +211,22 @@ def test_inference_ffn_in_chunks_equals_whole(chunk):
         bf16_whole = dec(feats, pad)
     # bf16 GEMMs of different row counts may round differently: a few bf16 ulps (2**-7 relative)
     torch.testing.assert_close(bf16.memory.float(), bf16_whole.memory.float(), rtol=0.03, atol=0.03)
+
+
+def test_inference_encoder_layer_leaves_its_inputs_alone():
+    """The in-place residual sums of inference write only into the layer's own fresh tensors."""
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(32, 4, 2, 2, 64, 0.0).eval()
+    shapes = torch.tensor([[4, 6], [2, 3]])
+    src, pos = torch.randn(2, 30, 32), torch.randn(2, 30, 32)
+    refs = torch.rand(2, 30, 2, 2)
+    src0, pos0 = src.clone(), pos.clone()
+    expected = layer(src, pos, refs, shapes, None, None)
+    with torch.no_grad():
+        out = layer(src, pos, refs, shapes, None, None)
+    assert torch.equal(src, src0) and torch.equal(pos, pos0)
+    assert out.data_ptr() not in (src.data_ptr(), pos.data_ptr())
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
-from torchvision.ops import box_convert, masks_to_boxes
+from torchvision.ops import box_convert
 
 from up2.layers.ms_deform_attn import MSDeformAttn
 from up2.modeling.proposal.denoising import DenoisingQueries, build_denoising_queries
@@ -292,17 +292,72 @@ class ProposalDecoder(nn.Module):
         Returns:
             (N, Q, 4) float in [0, 1]; a box covers whole mask pixels (x2 = (last col + 1) / Wm).
         """
-        n, q, h, w = mask_logits.shape
-        binary = mask_logits.detach().flatten(0, 1) > 0
-        xyxy = masks_to_boxes(binary).to(fallback.dtype) if binary.numel() else fallback.new_zeros(0, 4)
-        scale = xyxy.new_tensor([w, h, w, h])
-        xyxy = (xyxy + xyxy.new_tensor([0, 0, 1, 1])) / scale
-        boxes = box_convert(xyxy, "xyxy", "cxcywh").view(n, q, 4)
-        nonempty = binary.flatten(1).any(1).view(n, q, 1)
-        return torch.where(nonempty, boxes, fallback)
+        binary = mask_logits.detach() > 0
+        return ProposalDecoder._boxes_from_extents(binary.any(3), binary.any(2), fallback)
 
-    def select_queries(self, enc: PixelDecoderOutput):
+    @staticmethod
+    def boxes_from_mask_embed(mask_embed: torch.Tensor, mask_features: torch.Tensor, fallback: torch.Tensor,
+                              chunk: int = 32) -> torch.Tensor:
+        """``boxes_from_masks`` of the logits ``mask_embed · mask_features`` without holding them:
+        ``chunk`` queries at a time, each reduced to its rows and columns holding a positive
+        logit (a row holds one iff its maximum is > 0). At 800x1067 the (300, 200, 272) logits
+        are a 65 MB buffer the allocator maps fresh on every call; 32-query pieces stay in
+        cache. Same boxes as ``boxes_from_masks`` on the einsum's logits, up to the rounding of
+        GEMMs over fewer rows (a logit within ~1e-6 of 0 may change sign).
+
+        Args:
+            mask_embed: (N, Q, D).  mask_features: (N, D, Hm, Wm).  fallback: (N, Q, 4)
+                normalised cxcywh.  chunk: queries per piece (>= 1).
+
+        Returns:
+            (N, Q, 4) as ``boxes_from_masks``.
+
+        Raises:
+            ValueError: ``chunk`` < 1 or mismatched N / D.
+        """
+        n, q, d = mask_embed.shape
+        if chunk < 1:
+            raise ValueError(f"boxes_from_mask_embed: chunk must be >= 1, got {chunk}")
+        if mask_features.dim() != 4 or mask_features.shape[:2] != (n, d):
+            raise ValueError(f"boxes_from_mask_embed: mask_features must be (N={n}, D={d}, Hm, Wm), got "
+                             f"{tuple(mask_features.shape)}")
+        h, w = mask_features.shape[-2:]
+        feats = mask_features.detach().flatten(2)  # (N, D, Hm*Wm)
+        embed = mask_embed.detach()
+        rows = torch.empty(n, q, h, dtype=torch.bool, device=embed.device)
+        cols = torch.empty(n, q, w, dtype=torch.bool, device=embed.device)
+        for a in range(0, q, chunk):
+            logits = torch.bmm(embed[:, a : a + chunk], feats).view(n, -1, h, w)
+            torch.gt(logits.amax(3), 0, out=rows[:, a : a + chunk])
+            torch.gt(logits.amax(2), 0, out=cols[:, a : a + chunk])
+        return ProposalDecoder._boxes_from_extents(rows, cols, fallback)
+
+    @staticmethod
+    def _boxes_from_extents(rows: torch.Tensor, cols: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """rows (N, Q, Hm) / cols (N, Q, Wm) bool: which rows / columns of each mask hold a
+        pixel -> (N, Q, 4) normalised cxcywh boxes of whole pixels; ``fallback`` where empty."""
+        h, w = rows.shape[-1], cols.shape[-1]
+
+        def first_last(hit: torch.Tensor):
+            size = hit.shape[-1]
+            first = hit.to(torch.uint8).argmax(-1)  # the first maximum: the first True
+            last = size - 1 - hit.flip(-1).to(torch.uint8).argmax(-1)
+            return first, last
+
+        (y1, y2), (x1, x2) = first_last(rows), first_last(cols)
+        xyxy = torch.stack((x1, y1, x2 + 1, y2 + 1), dim=-1).to(fallback.dtype)
+        xyxy = xyxy / xyxy.new_tensor([w, h, w, h])
+        boxes = box_convert(xyxy, "xyxy", "cxcywh")
+        return torch.where(cols.any(-1, keepdim=True), boxes, fallback)
+
+    def select_queries(self, enc: PixelDecoderOutput, lazy_masks: bool = False):
         """Top-Q pixels by selection objectness.
+
+        Args:
+            enc: the pixel decoder's output.
+            lazy_masks: ``interm`` keeps its mask embeddings instead of its (N, Q, Hm, Wm) masks,
+                and the mask-initialised reference boxes come from ``boxes_from_mask_embed``
+                (same boxes; for inference, where ``interm`` feeds no loss).
 
         Returns:
             interm: ProposalPredictions of the selection head on the Q pixels (for the loss);
@@ -325,9 +380,12 @@ class ProposalDecoder(nn.Module):
         feats = memory.gather(1, index_d)  # (N, Q, D)
         boxes_unact = (self.enc_box(feats) + anchors_unact.gather(1, top[..., None].expand(-1, -1, 4)))
         boxes = boxes_unact.sigmoid()
-        interm = self.predict(feats, boxes, enc.mask_features, objectness=scores.gather(1, top))
+        interm = self.predict(feats, boxes, enc.mask_features, objectness=scores.gather(1, top),
+                              lazy_masks=lazy_masks)
         ref_boxes = boxes.detach()
-        if self.init_box_from_mask:
+        if self.init_box_from_mask and lazy_masks:
+            ref_boxes = self.boxes_from_mask_embed(interm.mask_embed, enc.mask_features, ref_boxes)
+        elif self.init_box_from_mask:
             ref_boxes = self.boxes_from_masks(interm.masks, ref_boxes)
         return interm, feats.detach(), ref_boxes
 
@@ -343,9 +401,9 @@ class ProposalDecoder(nn.Module):
                 from (ignored when ``dn_num`` is 0 or the module is in eval mode); None otherwise.
                 With targets every layer predicts masks (the losses need them); without, only the
                 last layer does (the others' ``masks`` are None).
-            lazy_masks: without targets, the last layer keeps its mask embeddings (``mask_embed``)
-                and leaves ``masks`` None, for callers that need the masks of a few proposals only
-                (``ProposalOutput.masks_of``). Ignored with targets.
+            lazy_masks: without targets, the last layer and ``interm`` keep their mask embeddings
+                (``mask_embed``) and leave ``masks`` None, for callers that need the masks of a few
+                proposals only (``ProposalOutput.masks_of``). Ignored with targets.
 
         Returns:
             ProposalDecoderOutput (interm, ``num_layers + 1`` predictions, q^sem, denoising).
@@ -356,7 +414,7 @@ class ProposalDecoder(nn.Module):
         if enc.spatial_shapes.shape[0] != self.num_levels:
             raise ValueError(f"ProposalDecoder: memory has {enc.spatial_shapes.shape[0]} levels, built for "
                              f"{self.num_levels} (len(MODEL.PROPOSAL.IN_FEATURES))")
-        interm, content, ref_boxes = self.select_queries(enc)
+        interm, content, ref_boxes = self.select_queries(enc, lazy_masks=lazy_masks and gt_boxes is None)
         n, q, _ = content.shape
         dn = None
         if self.training and gt_boxes is not None and self.dn_num > 0:
