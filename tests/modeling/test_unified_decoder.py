@@ -55,3 +55,80 @@ def test_spe_is_prepended_and_gradients_flow():
     assert out.shape == (2, 6, 16)
     out[:, 0].sum().backward()
     assert dec.spe.grad is not None and dec.spe.grad.abs().sum() > 0
+
+
+def _moe_decoder(d=16):
+    from functools import partial
+
+    from up2.modeling.moe import ConditionalMoE
+    from up2.modeling.token_attributes import ATTRIBUTE_DIM
+
+    torch.manual_seed(0)
+    moe = partial(ConditionalMoE, embed_dim=d, ffn_dim=32, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM)
+    return UnifiedDecoder(embed_dim=d, num_layers=3, num_heads=2, ffn_dim=32, dropout=0.0, ffn_factory=moe).eval()
+
+
+def _prefix_and_text(B=2, Ti=5, T=4, d=16):
+    from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+
+    g = torch.Generator().manual_seed(1)
+    img_pad = torch.zeros(B, Ti, dtype=torch.bool)
+    img_pad[1, -2:] = True  # image 1 has 2 padded tokens
+    img_attr = constant_attributes(B, Ti, modality=Modality.IMAGE, role=Role.INPUT,
+                                   attention=TokenAttention.BIDIRECTIONAL, task=TaskFamily.CAPTIONING)
+    txt_attr = constant_attributes(B, T, modality=Modality.TEXT, role=Role.INPUT,
+                                   attention=TokenAttention.CAUSAL, task=TaskFamily.CAPTIONING)
+    prefix = TokenBatch(tokens=torch.randn(B, Ti, d, generator=g), padding_mask=img_pad, attributes=img_attr)
+    text = torch.randn(B, T, d, generator=g)
+    full = TokenBatch(tokens=torch.cat((prefix.tokens, text), 1),
+                      padding_mask=torch.cat((img_pad, torch.zeros(B, T, dtype=torch.bool)), 1),
+                      attributes=torch.cat((img_attr, txt_attr), 1), attention=AttentionKind.PREFIX_CAUSAL,
+                      prefix_length=torch.full((B,), Ti))
+    return prefix, text, txt_attr, full
+
+
+def test_incremental_decoding_equals_the_full_prefix_causal_forward():
+    """prefill + extend (one token at a time, or several at once) give the text features of one
+    forward over [SPE] ++ prefix ++ text, with padding in the prefix and MoE FFNs."""
+    dec = _moe_decoder()
+    prefix, text, txt_attr, full = _prefix_and_text()
+    Ti = prefix.tokens.shape[1]
+    expected = dec(full)[:, 1 + Ti:]  # the text positions
+    cache = dec.prefill(prefix)
+    assert len(cache.layers) == 3 and cache.layers[0][0].shape == (2, 2, 1 + Ti, 8)
+    steps = []
+    for t in range(text.shape[1]):
+        out, cache = dec.extend(cache, text[:, t : t + 1], txt_attr[:, t : t + 1])
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), expected, rtol=0, atol=1e-5)
+    assert cache.padding_mask.shape == (2, 1 + Ti + text.shape[1])
+    two, _ = dec.extend(dec.prefill(prefix), text[:, :2], txt_attr[:, :2])  # a block of two causal tokens
+    torch.testing.assert_close(two, expected[:, :2], rtol=0, atol=1e-5)
+
+
+def test_decoder_cache_reorder_follows_the_sequences():
+    dec = _moe_decoder()
+    prefix, text, txt_attr, full = _prefix_and_text()
+    cache = dec.prefill(prefix)
+    _, cache = dec.extend(cache, text[:, :1], txt_attr[:, :1])
+    swapped = cache.reorder(torch.tensor([1, 0]))
+    out, _ = dec.extend(swapped, text[[1, 0], 1:2], txt_attr[:, 1:2])
+    expected = dec(full)[:, 1 + prefix.tokens.shape[1] + 1]
+    torch.testing.assert_close(out[:, 0], expected[[1, 0]], rtol=0, atol=1e-5)
+
+
+def test_incremental_decoding_rejects_training_mode_and_bad_shapes():
+    import pytest
+
+    dec = _moe_decoder()
+    prefix, text, txt_attr, _ = _prefix_and_text()
+    cache = dec.prefill(prefix)
+    with pytest.raises(ValueError, match="tokens must be"):
+        dec.extend(cache, text[:1, :1], txt_attr[:1, :1])
+    with pytest.raises(ValueError, match="width"):
+        dec.prefill(TokenBatch(tokens=torch.randn(2, 3, 8), padding_mask=torch.zeros(2, 3, dtype=torch.bool)))
+    dec.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        dec.prefill(prefix)
+    with pytest.raises(RuntimeError, match="eval"):
+        dec.extend(cache, text[:, :1], txt_attr[:, :1])

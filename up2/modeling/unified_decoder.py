@@ -9,7 +9,8 @@ sequence-level representation there.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from up2.modeling.moe import ConditionalMoE, gelu_of_fresh
 from up2.modeling.token_attributes import ATTRIBUTE_DIM
 from up2.structures import AttentionKind, TokenBatch
 
-__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "build_attention_mask", "SPE_POSITION"]
+__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "DecoderCache", "build_attention_mask", "SPE_POSITION"]
 
 SPE_POSITION = slice(0, 1)  # ``UnifiedDecoder.forward(..., outputs=SPE_POSITION)``: only [SPE] is read
 
@@ -107,6 +108,50 @@ class UnifiedDecoderLayer(nn.Module):
         )
         x = self.norm1(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(x.shape))))
         return self.norm2(x + self.dropout(self.ffn(x, attributes)))
+
+    def forward_cached(self, x: torch.Tensor, past: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                       attn_mask: torch.Tensor, attributes=None, need_output: bool = True):
+        """``forward`` for new tokens over the keys / values of earlier ones (eval, no dropout).
+
+        Args:
+            x: (B, t, d) the new tokens.  past: keys and values (B, H, S, d / H) of the S earlier
+                tokens, or None (S = 0).  attn_mask: (B, 1, t, S + t) bool, True = may attend.
+            attributes: (B, t, A) or None.  need_output: False computes only the keys and values.
+
+        Returns:
+            ((B, t, d) or None, (keys, values) (B, H, S + t, d / H) of all S + t tokens).
+        """
+        B, t, d = x.shape
+        heads = (B, t, self.num_heads, d // self.num_heads)
+        if need_output:
+            q, k, v = self.qkv(x).view(B, t, 3, *heads[2:]).permute(2, 0, 3, 1, 4)
+        else:
+            k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).view(B, t, 2, *heads[2:]).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        if not need_output:
+            return None, (k, v)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = self.norm1(x + self.out_proj(attn.transpose(1, 2).reshape(x.shape)))
+        return self.norm2(x + self.ffn(x, attributes)), (k, v)
+
+
+@dataclass
+class DecoderCache:
+    """Keys and values of a token prefix at every layer of g, for incremental decoding.
+
+    Attributes:
+        layers: per layer (keys, values), each (B, H, S, d / H) in the compute dtype.
+        padding_mask: (B, S) bool, True on padded tokens (never attended).
+    """
+
+    layers: List[Tuple[torch.Tensor, torch.Tensor]]
+    padding_mask: torch.Tensor
+
+    def reorder(self, index: torch.Tensor) -> "DecoderCache":
+        """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams."""
+        return DecoderCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers],
+                            self.padding_mask.index_select(0, index))
 
 
 def _moe_factory(g) -> Optional[Callable[[], nn.Module]]:
@@ -222,3 +267,74 @@ class UnifiedDecoder(nn.Module):
         if outputs is not None and (self.training or not self.layers):
             x = x[:, outputs]
         return x
+
+    @torch.no_grad()
+    def prefill(self, batch: TokenBatch) -> DecoderCache:
+        """Start incremental decoding: the keys and values of ``[SPE] ++ batch`` at every layer.
+
+        The prefix attends within itself (bidirectionally, padding masked), as the prefix of a
+        PREFIX_CAUSAL sequence does, so tokens appended later with ``extend`` get the same
+        features as ``forward`` over the whole prefix-causal sequence (up to float rounding).
+
+        Args:
+            batch: the prefix WITHOUT ``[SPE]`` (e.g. image tokens): tokens (B, T, d),
+                padding_mask (B, T), attributes (B, T, A) when the FFNs are MoE.
+
+        Returns:
+            DecoderCache over the T + 1 prefix tokens.
+
+        Raises:
+            RuntimeError: in training mode (incremental decoding is for inference).
+            ValueError: a token width other than d.
+        """
+        if self.training:
+            raise RuntimeError("UnifiedDecoder.prefill is for inference: call .eval() first")
+        if batch.tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
+        batch = self.with_spe(batch)
+        batch = TokenBatch(batch.tokens, batch.padding_mask, batch.attributes, AttentionKind.BIDIRECTIONAL)
+        mask = build_attention_mask(batch)
+        x = self.input_norm(batch.tokens)
+        layers = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer.forward_cached(x, None, mask, batch.attributes, need_output=i < len(self.layers) - 1)
+            layers.append(kv)
+        return DecoderCache(layers, batch.padding_mask)
+
+    @torch.no_grad()
+    def extend(self, cache: DecoderCache, tokens: torch.Tensor, attributes: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, DecoderCache]:
+        """Append causal tokens to a cached sequence: each new token attends to every
+        (unpadded) cached token, the new tokens before it and itself.
+
+        Args:
+            cache: from ``prefill`` or an earlier ``extend``.
+            tokens: (B, t, d) new tokens (not padded).  attributes: (B, t, A) or None.
+
+        Returns:
+            ((B, t, d) features of the new tokens, as ``forward`` of the whole sequence gives
+            them; the cache extended by the t tokens).
+
+        Raises:
+            RuntimeError: in training mode.  ValueError: a batch size or width that does not match.
+        """
+        if self.training:
+            raise RuntimeError("UnifiedDecoder.extend is for inference: call .eval() first")
+        B, t, d = tokens.shape
+        S = cache.padding_mask.shape[1]
+        if d != self.embed_dim or B != cache.padding_mask.shape[0]:
+            raise ValueError(f"tokens must be (B={cache.padding_mask.shape[0]}, t, {self.embed_dim}), "
+                             f"got {tuple(tokens.shape)}")
+        new_pad = torch.zeros(B, t, dtype=torch.bool, device=tokens.device)
+        padding = torch.cat((cache.padding_mask, new_pad), dim=1)  # (B, S + t)
+        idx = torch.arange(S + t, device=tokens.device)
+        allowed = ~padding[:, None, :] & (idx[None, :] < S + 1 + torch.arange(t, device=tokens.device)[:, None])
+        allowed = allowed | (idx[None, :] == S + torch.arange(t, device=tokens.device)[:, None])  # itself
+        mask = allowed[:, None]  # (B, 1, t, S + t)
+        x = self.input_norm(tokens)
+        layers = []
+        for layer, past in zip(self.layers, cache.layers):
+            x, kv = layer.forward_cached(x, past, mask, attributes)
+            layers.append(kv)
+        return x, DecoderCache(layers, padding)
+

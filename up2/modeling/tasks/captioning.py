@@ -101,15 +101,23 @@ class CaptioningTask:
         rep = lambda t: t.repeat_interleave(K, dim=0)  # noqa: E731
         img = TokenBatch(tokens=rep(image_batch.tokens), padding_mask=rep(image_batch.padding_mask),
                          attributes=rep(image_batch.attributes))
+        # Key/value cache: the image prefix runs through g once; each step runs only the newest
+        # token (it attends to the prefix and the earlier text, as in the prefix-causal sequence).
+        g = model.unified_decoder
+        cache = g.prefill(img)
+        dtype = image_batch.tokens.dtype
+        text_attr = constant_attributes(N * K, 1, modality=Modality.TEXT, role=Role.INPUT,
+                                        attention=TokenAttention.CAUSAL, task=self.family, device=model.device,
+                                        dtype=dtype).to(image_batch.attributes.dtype)
         seqs = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
         scores = torch.full((N, K), float("-inf"), device=model.device)
         scores[:, 0] = 0.0  # start from one live beam per image
         done = torch.zeros(N * K, dtype=torch.bool, device=model.device)
         for _ in range(max_length):
-            pad = torch.zeros_like(seqs, dtype=torch.bool)
-            seq = self._sequence(img, te.embed_tokens(seqs), pad)
-            out = model.unified_decoder(seq, outputs=slice(-1, None))[:, 0]  # the last position
-            logp = model.likelihood(out, targets).log_softmax(-1)  # (N*K, V)
+            # the newest token's context-free embedding (its position counts the tokens before it)
+            newest = te.embed_tokens(seqs)[:, -1:].to(dtype)
+            out, cache = g.extend(cache, newest, text_attr)
+            logp = model.likelihood(out[:, 0], targets).log_softmax(-1)  # (N*K, V)
             # finished beams extend with padding at no cost
             pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])
             logp[done] = float("-inf")
@@ -120,6 +128,7 @@ class CaptioningTask:
             beam = flat // V + torch.arange(N, device=flat.device)[:, None] * K
             token = ids_v[flat % V]
             seqs = torch.cat([seqs[beam.flatten()], token.view(-1, 1)], dim=1)
+            cache = cache.reorder(beam.flatten())
             done = done[beam.flatten()] | (token.flatten() == sp.sep) | (token.flatten() == sp.pad)
             if done.all():
                 break
