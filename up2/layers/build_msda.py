@@ -1,7 +1,8 @@
-"""Build and locate the compiled CPU kernel of multi-scale deformable attention.
+"""Build and locate the compiled CPU kernels: multi-scale deformable attention (and mask pasting).
 
-The kernel (``csrc/ms_deform_attn_cpu.cpp``, ATen + ``at::parallel_for``) is compiled with
-``torch.utils.cpp_extension.load`` into a fixed folder, ``<repo>/build/msda/<name>/<name>.so``
+The kernels (``csrc/ms_deform_attn_cpu.cpp`` and ``csrc/paste_masks_cpu.cpp``, ATen +
+``at::parallel_for``) are compiled into one library with ``torch.utils.cpp_extension.load``
+into a fixed folder, ``<repo>/build/msda/<name>/<name>.so``
 (or ``$UP2_MSDA_BUILD_DIR/<name>/...``). ``<name>`` carries a hash of the sources, the build
 flags and the torch version, so a changed kernel or a new torch never loads a stale library.
 
@@ -33,7 +34,8 @@ _LDFLAGS = ["-fopenmp"]
 
 
 def _sources() -> List[Path]:
-    return [Path(__file__).resolve().parent / "csrc" / "ms_deform_attn_cpu.cpp"]
+    csrc = Path(__file__).resolve().parent / "csrc"
+    return [csrc / "ms_deform_attn_cpu.cpp", csrc / "paste_masks_cpu.cpp"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
+from up2.layers.paste_masks import paste_masks
 from up2.modeling.image_encoder import gather_proposals
 from up2.modeling.tasks.base import TaskSpec, register_task
 from up2.modeling.token_attributes import TaskFamily
@@ -203,33 +203,22 @@ class DetectionTask:
     @staticmethod
     def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, int], out: Tuple[int, int],
                     chunk: int = 4) -> torch.Tensor:
-        """Binary masks at the input image's size (paper §4.3: a localization task's masks are
-        its proposals' own; MaskDINO-style bilinear upsampling of the stride-4 mask logits).
+        """Binary masks at the original image's size: ``up2.layers.paste_masks.paste_masks``
+        (the compiled kernel on CPU when built, else ``F.interpolate``).
 
         Args:
             logits: (K, Hm, Wm) mask logits of the padded image.  size: (h, w) resized image.
             padded: (Hp, Wp) padded size.  out: (out_h, out_w) original image size.
-            chunk: masks resized at a time (bounds the float32 temporaries to ``chunk`` padded
-                images; the result does not depend on it).
+            chunk: masks resized at a time on the PyTorch path (the result does not depend on it).
 
         Returns:
             (K, out_h, out_w) bool: bilinear upsampling to (Hp, Wp), crop to (h, w), bilinear
-            resize to ``out`` (skipped when ``out == size``: the identity), then ``> 0``.
+            resize to ``out`` (skipped when ``out == size``), then ``> 0``.
 
         Raises:
-            ValueError: ``chunk`` < 1.
+            ValueError: ``chunk`` < 1 or inconsistent sizes.
         """
-        if chunk < 1:
-            raise ValueError(f"paste_masks: chunk must be >= 1, got {chunk}")
-        (h, w), (Hp, Wp) = size, padded
-        result = torch.empty(logits.shape[0], *out, dtype=torch.bool, device=logits.device)
-        for a in range(0, logits.shape[0], chunk):
-            m = F.interpolate(logits[None, a : a + chunk].float(), size=(Hp, Wp), mode="bilinear", align_corners=False)
-            m = m[:, :, :h, :w]
-            if tuple(out) != (h, w):
-                m = F.interpolate(m, size=tuple(out), mode="bilinear", align_corners=False)
-            torch.gt(m[0], 0, out=result[a : a + chunk])
-        return result
+        return paste_masks(logits, size, padded, out, chunk=chunk)
 
 
 @register_task("instance_segmentation")
