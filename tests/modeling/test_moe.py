@@ -202,7 +202,8 @@ def test_gelu_of_fresh_is_gelu_in_place_only_without_autograd(dtype):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_moe_and_dense_ffn_give_the_same_output_with_and_without_autograd(autocast):
-    """The in-place GELU of inference changes nothing: no-grad outputs equal grad-mode ones bit for bit."""
+    """The inference path (in-place GELU, one expert at a time on weight views) changes nothing:
+    no-grad outputs equal grad-mode ones bit for bit."""
     torch.manual_seed(0)
     moe = ConditionalMoE(D, F_DIM, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM)
     dense = FeedForward(D, F_DIM, dropout=0.0)
