@@ -31,21 +31,53 @@
 
 namespace {
 
+// Compiled for x86-64-v3 (AVX2 gathers, FMA) and the baseline ISA, as the MSDA kernel is; the
+// loader picks the clone for the running CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && !defined(UP2_MSDA_NO_CLONES)
+#define UP2_MASKS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define UP2_MASKS_CLONES
+#endif
+
+// One output row: blend the R input rows into `row` (Wm floats), then threshold every output
+// pixel's C column taps.
 template <int C>
-inline void threshold_row(const float* row, const int64_t* ci, const float* cw, int64_t out_w, bool* out) {
+__attribute__((always_inline)) inline void paste_row(const float* mask, int64_t Wm, const int64_t* ri,
+                                                     const float* rw, int64_t R, const int32_t* ci, const float* cw,
+                                                     int64_t out_w, float* __restrict__ row, bool* __restrict__ out,
+                                                     int64_t C_any) {
+  std::fill(row, row + Wm, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float w = rw[r];
+    if (w == 0.f) continue;
+    const float* __restrict__ src = mask + ri[r] * Wm;
+#pragma omp simd
+    for (int64_t x = 0; x < Wm; ++x) row[x] += w * src[x];
+  }
+  const int64_t taps = C > 0 ? C : C_any;
+#pragma omp simd
   for (int64_t j = 0; j < out_w; ++j) {
     float v = 0.f;
-    for (int c = 0; c < C; ++c) v += cw[j * C + c] * row[ci[j * C + c]];
+    for (int64_t c = 0; c < taps; ++c) v += cw[j * taps + c] * row[ci[j * taps + c]];
     out[j] = v > 0.f;
   }
 }
 
-inline void threshold_row_any(const float* row, const int64_t* ci, const float* cw, int64_t out_w, int64_t C,
-                              bool* out) {
-  for (int64_t j = 0; j < out_w; ++j) {
-    float v = 0.f;
-    for (int64_t c = 0; c < C; ++c) v += cw[j * C + c] * row[ci[j * C + c]];
-    out[j] = v > 0.f;
+UP2_MASKS_CLONES void paste_rows(const float* lg, int64_t Hm, int64_t Wm, int64_t out_h, const int64_t* ri,
+                                 const float* rw, int64_t R, const int32_t* ci, const float* cw, int64_t out_w,
+                                 int64_t C, bool* op, int64_t begin, int64_t end) {
+  std::vector<float> row(Wm);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t k = t / out_h, i = t % out_h;
+    const float* mask = lg + k * Hm * Wm;
+    bool* o = op + t * out_w;
+    if (C == 2) {
+      paste_row<2>(mask, Wm, ri + i * R, rw + i * R, R, ci, cw, out_w, row.data(), o, C);
+    } else if (C == 4) {
+      paste_row<4>(mask, Wm, ri + i * R, rw + i * R, R, ci, cw, out_w, row.data(), o, C);
+    } else {
+      paste_row<0>(mask, Wm, ri + i * R, rw + i * R, R, ci, cw, out_w, row.data(), o, C);
+    }
   }
 }
 
@@ -81,32 +113,12 @@ at::Tensor paste_positive(const at::Tensor& logits_in, const at::Tensor& row_ind
   const float* lg = logits.data_ptr<float>();
   const int64_t* rip = ri.data_ptr<int64_t>();
   const float* rwp = rw.data_ptr<float>();
-  const int64_t* cip = ci.data_ptr<int64_t>();
+  const at::Tensor ci32 = ci.to(at::kInt);  // 32-bit column indices (< Wm): AVX2 gathers
+  const int32_t* cip = ci32.data_ptr<int32_t>();
   const float* cwp = cw.data_ptr<float>();
   bool* op = out.data_ptr<bool>();
   at::parallel_for(0, K * out_h, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(Wm);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t k = t / out_h, i = t % out_h;
-      const float* mask = lg + k * Hm * Wm;
-      std::fill(row.begin(), row.end(), 0.f);
-      for (int64_t r = 0; r < R; ++r) {
-        const float w = rwp[i * R + r];
-        if (w == 0.f) continue;
-        const float* src = mask + rip[i * R + r] * Wm;
-        float* dst = row.data();
-#pragma omp simd
-        for (int64_t x = 0; x < Wm; ++x) dst[x] += w * src[x];
-      }
-      bool* o = op + t * out_w;
-      if (C == 2) {
-        threshold_row<2>(row.data(), cip, cwp, out_w, o);
-      } else if (C == 4) {
-        threshold_row<4>(row.data(), cip, cwp, out_w, o);
-      } else {
-        threshold_row_any(row.data(), cip, cwp, out_w, C, o);
-      }
-    }
+    paste_rows(lg, Hm, Wm, out_h, rip, rwp, R, cip, cwp, out_w, C, op, begin, end);
   });
   return out;
 }
