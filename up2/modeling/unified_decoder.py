@@ -149,7 +149,11 @@ class DecoderCache:
     padding_mask: torch.Tensor
 
     def reorder(self, index: torch.Tensor) -> "DecoderCache":
-        """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams."""
+        """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams
+        (``self`` itself, uncopied, when ``index`` is 0 .. B-1, as in greedy decoding)."""
+        if index.numel() == self.padding_mask.shape[0] and torch.equal(
+                index, torch.arange(index.numel(), device=index.device)):
+            return self
         return DecoderCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers],
                             self.padding_mask.index_select(0, index))
 
