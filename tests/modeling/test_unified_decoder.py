@@ -117,7 +117,8 @@ def test_decoder_cache_reorder_follows_the_sequences():
     torch.testing.assert_close(out[:, 0], expected[[1, 0]], rtol=0, atol=1e-5)
     assert cache.reorder(torch.tensor([0, 1])) is cache  # identity: no copy
     doubled = cache.reorder(torch.tensor([1, 1]))
-    assert all(torch.equal(k[0], k[1]) and torch.equal(k[0], k0[1]) for (k, _), (k0, _) in zip(doubled.layers, cache.layers))
+    for (k, _), (k0, _) in zip(doubled.layers, cache.layers):
+        assert torch.equal(k[0], k[1]) and torch.equal(k[0], k0[1])
 
 
 def test_incremental_decoding_rejects_training_mode_and_bad_shapes():

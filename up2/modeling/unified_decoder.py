@@ -140,6 +140,10 @@ class UnifiedDecoderLayer(nn.Module):
 class DecoderCache:
     """Keys and values of a token prefix at every layer of g, for incremental decoding.
 
+    Captioning attends prefix-causally (paper §4.3, Eq. 7): no position depends on a later
+    one, so the features of the tokens seen so far never change and their keys and values can
+    be kept instead of recomputed at every generated token.
+
     Attributes:
         layers: per layer (keys, values), each (B, H, S, d / H) in the compute dtype.
         padding_mask: (B, S) bool, True on padded tokens (never attended).
