@@ -129,10 +129,34 @@ def test_incremental_decoding_rejects_training_mode_and_bad_shapes():
     cache = dec.prefill(prefix)
     with pytest.raises(ValueError, match="tokens must be"):
         dec.extend(cache, text[:1, :1], txt_attr[:1, :1])
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(ValueError, match=r"tokens must be \(B, T, 16\)"):
         dec.prefill(TokenBatch(tokens=torch.randn(2, 3, 8), padding_mask=torch.zeros(2, 3, dtype=torch.bool)))
     dec.train()
     with pytest.raises(RuntimeError, match="eval"):
         dec.prefill(prefix)
     with pytest.raises(RuntimeError, match="eval"):
         dec.extend(cache, text[:, :1], txt_attr[:, :1])
+
+
+def test_incremental_decoding_rejects_mismatched_caches_and_prefixes():
+    import pytest
+
+    dec = _moe_decoder()
+    prefix, text, txt_attr, full = _prefix_and_text()
+    shallow = UnifiedDecoder(embed_dim=16, num_layers=2, num_heads=2, ffn_dim=32, dropout=0.0).eval()
+    with pytest.raises(ValueError, match="cache holds 2 layers"):
+        dec.extend(shallow.prefill(TokenBatch(prefix.tokens, prefix.padding_mask)), text[:, :1], txt_attr[:, :1])
+    four_heads = UnifiedDecoder(embed_dim=16, num_layers=3, num_heads=4, ffn_dim=32, dropout=0.0).eval()
+    with pytest.raises(ValueError, match="cache keys must be"):
+        dec.extend(four_heads.prefill(TokenBatch(prefix.tokens, prefix.padding_mask)), text[:, :1], txt_attr[:, :1])
+    with pytest.raises(ValueError, match="bidirectionally"):  # text already in the "prefix"
+        dec.prefill(full)
+    with pytest.raises(ValueError, match="padding_mask"):
+        dec.prefill(TokenBatch(prefix.tokens, prefix.padding_mask[:, :-1], prefix.attributes))
+    with pytest.raises(ValueError, match="tokens must be"):
+        dec.extend(dec.prefill(prefix), text[:, 0], txt_attr[:, :1])
+    cache = dec.prefill(prefix)
+    with pytest.raises(ValueError, match=r"in \[0, 2\)"):
+        cache.reorder(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="1-D int64"):
+        cache.reorder([0, 1])

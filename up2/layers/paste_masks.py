@@ -19,6 +19,7 @@ compiled; at a 480x640 original size ~245 vs ~75 ms.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -49,8 +50,14 @@ def resize_taps(in_size: int, padded: int, size: int, out: Optional[int]) -> Tup
     Returns:
         index (out, T) int64 input pixels and weight (out, T) float32, T = the most non-zero
         weights of any output pixel (2 for one bilinear resize, up to 4 for two); unused taps
-        have weight 0.
+        have weight 0. Cached per arguments: do not modify them.
+
+    Raises:
+        ValueError: a non-positive size, or ``size`` > ``padded``.
     """
+    if not (0 < size <= padded and in_size > 0 and (out is None or out > 0)):
+        raise ValueError(f"resize_taps: need 0 < size <= padded, in_size > 0, out > 0; got in_size={in_size}, "
+                         f"padded={padded}, size={size}, out={out}")
     matrix = _interp_matrix(in_size, padded)[:size]  # (size, in_size)
     if out is not None:
         matrix = _interp_matrix(size, out) @ matrix  # (out, in_size), composed in float64
@@ -76,16 +83,23 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
         (K, out_h, out_w) bool: bilinear upsampling to (Hp, Wp), crop to (h, w), bilinear
         resize to ``out`` (skipped when ``out == size``: the identity), then ``> 0``.
 
+    Non-finite logits: NaN gives False on both paths; a +/-inf logit may differ between them
+    (``F.interpolate`` multiplies it by zero weights into NaN; the kernel skips zero taps).
+
     Raises:
-        ValueError: ``chunk`` < 1, logits not (K, Hm, Wm), or ``size`` larger than ``padded``.
+        ValueError: ``chunk`` not an int >= 1, logits not (K, Hm, Wm) float, ``size`` /
+            ``padded`` / ``out`` not two positive ints, or ``size`` larger than ``padded``.
         RuntimeError: ``compiled=True`` where the kernel is unavailable or the tensors are not on the CPU.
     """
-    if chunk < 1:
-        raise ValueError(f"paste_masks: chunk must be >= 1, got {chunk}")
-    if logits.dim() != 3:
-        raise ValueError(f"paste_masks: logits must be (K, Hm, Wm), got {tuple(logits.shape)}")
-    (h, w), (Hp, Wp), out = size, padded, tuple(int(v) for v in out)
-    if not (0 < h <= Hp and 0 < w <= Wp):
+    if not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"paste_masks: chunk must be an int >= 1, got {chunk!r}")
+    if logits.dim() != 3 or not logits.is_floating_point():
+        raise ValueError(f"paste_masks: logits must be (K, Hm, Wm) float, got {tuple(logits.shape)} {logits.dtype}")
+    for name, pair in (("size", size), ("padded", padded), ("out", out)):
+        if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 for v in pair):
+            raise ValueError(f"paste_masks: {name} must be two positive ints (height, width), got {tuple(pair)!r}")
+    (h, w), (Hp, Wp), out = (int(v) for v in size), (int(v) for v in padded), tuple(int(v) for v in out)
+    if not (h <= Hp and w <= Wp):
         raise ValueError(f"paste_masks: size {tuple(size)} must fit in the padded size {tuple(padded)}")
     if compiled is None:
         compiled = logits.device.type == "cpu" and compiled_paste_available()

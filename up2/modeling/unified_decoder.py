@@ -154,9 +154,18 @@ class DecoderCache:
 
     def reorder(self, index: torch.Tensor) -> "DecoderCache":
         """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams
-        (``self`` itself, uncopied, when ``index`` is 0 .. B-1, as in greedy decoding)."""
-        if index.numel() == self.padding_mask.shape[0] and torch.equal(
-                index, torch.arange(index.numel(), device=index.device)):
+        (``self`` itself, uncopied, when ``index`` is 0 .. B-1, as in greedy decoding).
+
+        Raises:
+            ValueError: ``index`` not a 1-D int64 tensor of values in [0, B).
+        """
+        B = self.padding_mask.shape[0]
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.long:
+            raise ValueError(f"DecoderCache.reorder: index must be a 1-D int64 tensor, got {index!r}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= B):
+            raise ValueError(f"DecoderCache.reorder: index values must be in [0, {B}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        if index.numel() == B and torch.equal(index, torch.arange(B, device=index.device)):
             return self
         return DecoderCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers],
                             self.padding_mask.index_select(0, index))
@@ -293,12 +302,19 @@ class UnifiedDecoder(nn.Module):
 
         Raises:
             RuntimeError: in training mode (incremental decoding is for inference).
-            ValueError: a token width other than d.
+            ValueError: tokens not (B, T, d), a padding mask of another shape, or a batch whose
+                ``attention`` is not BIDIRECTIONAL (text already in the prefix).
         """
         if self.training:
             raise RuntimeError("UnifiedDecoder.prefill is for inference: call .eval() first")
-        if batch.tokens.shape[-1] != self.embed_dim:
-            raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
+        if batch.tokens.dim() != 3 or batch.tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"prefill: tokens must be (B, T, {self.embed_dim}), got {tuple(batch.tokens.shape)}")
+        if tuple(batch.padding_mask.shape) != tuple(batch.tokens.shape[:2]):
+            raise ValueError(f"prefill: padding_mask must be (B, T) = {tuple(batch.tokens.shape[:2])}, got "
+                             f"{tuple(batch.padding_mask.shape)}")
+        if batch.attention is not AttentionKind.BIDIRECTIONAL:
+            raise ValueError(f"prefill: the prefix attends bidirectionally within itself; got a {batch.attention} "
+                             "batch (append causal tokens with extend instead)")
         batch = self.with_spe(batch)
         batch = TokenBatch(batch.tokens, batch.padding_mask, batch.attributes, AttentionKind.BIDIRECTIONAL)
         mask = build_attention_mask(batch)
@@ -324,15 +340,24 @@ class UnifiedDecoder(nn.Module):
             them; the cache extended by the t tokens).
 
         Raises:
-            RuntimeError: in training mode.  ValueError: a batch size or width that does not match.
+            RuntimeError: in training mode.
+            ValueError: tokens not (B, t, d), or a cache from a decoder of another depth or
+                head count.
         """
         if self.training:
             raise RuntimeError("UnifiedDecoder.extend is for inference: call .eval() first")
-        B, t, d = tokens.shape
-        S = cache.padding_mask.shape[1]
-        if d != self.embed_dim or B != cache.padding_mask.shape[0]:
+        if tokens.dim() != 3 or tokens.shape[0] != cache.padding_mask.shape[0] or tokens.shape[2] != self.embed_dim:
             raise ValueError(f"tokens must be (B={cache.padding_mask.shape[0]}, t, {self.embed_dim}), "
                              f"got {tuple(tokens.shape)}")
+        B, t, d = tokens.shape
+        S = cache.padding_mask.shape[1]
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"extend: the cache holds {len(cache.layers)} layers, this decoder has {len(self.layers)}")
+        k0 = cache.layers[0][0]
+        heads = self.layers[0].num_heads
+        if tuple(k0.shape) != (B, heads, S, d // heads):
+            raise ValueError(f"extend: cache keys must be (B={B}, H={heads}, S={S}, {d // heads}), got "
+                             f"{tuple(k0.shape)} (a cache of another decoder?)")
         new_pad = torch.zeros(B, t, dtype=torch.bool, device=tokens.device)
         padding = torch.cat((cache.padding_mask, new_pad), dim=1)  # (B, S + t)
         idx = torch.arange(S + t, device=tokens.device)

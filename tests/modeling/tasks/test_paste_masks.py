@@ -211,9 +211,28 @@ def test_postprocess_masks_are_paste_masks():
 
 def test_bad_arguments_are_refused():
     logits = torch.randn(3, 8, 10)
-    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="chunk must be an int >= 1, got 0"):
         DetectionTask.paste_masks(logits, (30, 38), (32, 40), (30, 38), chunk=0)
     with pytest.raises(ValueError, match="must fit in the padded size"):
         pm.paste_masks(logits, (33, 38), (32, 40), (30, 38))
     with pytest.raises(ValueError, match="logits must be"):
         pm.paste_masks(logits[0], (30, 38), (32, 40), (30, 38))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(out=(0, 10)), "out must be two positive ints"),
+    (dict(out=(37, 61, 3)), "out must be two positive ints"),
+    (dict(out=(37.5, 61)), "out must be two positive ints"),
+    (dict(size=(50.0, 90)), "size must be two positive ints"),
+    (dict(chunk=2.5), "chunk must be an int"),
+    (dict(logits=torch.zeros(2, *LOGITS_HW, dtype=torch.long)), "float"),
+])
+def test_paste_masks_rejects_bad_sizes_and_dtypes(bad, match):
+    args = dict(logits=_logits(2), size=SIZE, padded=PADDED, out=(37, 61))
+    args.update(bad)
+    for compiled in (False, None):  # both paths check before computing anything
+        with pytest.raises(ValueError, match=match):
+            pm.paste_masks(args["logits"], args["size"], args["padded"], args["out"], chunk=args.get("chunk", 4),
+                           compiled=compiled)
+    with pytest.raises(ValueError, match="size <= padded"):
+        pm.resize_taps(20, 80, -5, None)

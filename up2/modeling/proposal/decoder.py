@@ -303,7 +303,9 @@ class ProposalDecoder(nn.Module):
         logit (a row holds one iff its maximum is > 0). At 800x1067 the (300, 200, 272) logits
         are a 65 MB buffer the allocator maps fresh on every call; 32-query pieces stay in
         cache. Same boxes as ``boxes_from_masks`` on the einsum's logits, up to the rounding of
-        GEMMs over fewer rows (a logit within ~1e-6 of 0 may change sign).
+        GEMMs over fewer rows (a logit within ~1e-6 of 0 may change sign); with a NaN logit the
+        maximum of its row and column is NaN, so both count as empty here (``boxes_from_masks``
+        drops only the NaN pixel).
 
         Args:
             mask_embed: (N, Q, D).  mask_features: (N, D, Hm, Wm).  fallback: (N, Q, 4)
