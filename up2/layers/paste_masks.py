@@ -45,7 +45,7 @@ def _interp_matrix(in_size: int, out_size: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=64)  # a few image sizes repeat; callers must not modify the result
 def resize_taps(in_size: int, padded: int, size: int, out: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Taps of one axis of the paste: resize ``in_size`` -> ``padded``, keep the first ``size``,
-    then resize to ``out`` (None: no second resize).
+    then resize to ``out`` (None: no second resize); all sizes in pixels of that axis.
 
     Returns:
         index (out, T) int64 input pixels and weight (out, T) float32, T = the most non-zero
@@ -71,9 +71,9 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
     """Binary masks at the original image size.
 
     Args:
-        logits: (K, Hm, Wm) mask logits of the padded image (any float dtype).
-        size: (h, w) resized image inside the padding, pixels.  padded: (Hp, Wp) padded size.
-        out: (out_h, out_w) original image size.
+        logits: (K, Hm, Wm) mask logits of the padded image (any float dtype; stride 4).
+        size: (h, w) resized image inside the padding, pixels.  padded: (Hp, Wp) padded size,
+            pixels.  out: (out_h, out_w) original image size, pixels.
         chunk: masks resized at a time on the PyTorch path (bounds its float32 temporaries to
             ``chunk`` padded images; the result does not depend on it).
         compiled: True = the compiled kernel (raises if unavailable), False = PyTorch, None =

@@ -287,7 +287,8 @@ class UnifiedDecoder(nn.Module):
 
     @torch.no_grad()
     def prefill(self, batch: TokenBatch) -> DecoderCache:
-        """Start incremental decoding: the keys and values of ``[SPE] ++ batch`` at every layer.
+        """Start incremental decoding: the keys and values of ``[SPE] ++ batch`` at every layer
+        (captioning inference, paper §4.3).
 
         The prefix attends within itself (bidirectionally, padding masked), as the prefix of a
         PREFIX_CAUSAL sequence does, so tokens appended later with ``extend`` get the same
@@ -328,7 +329,7 @@ class UnifiedDecoder(nn.Module):
     @torch.no_grad()
     def extend(self, cache: DecoderCache, tokens: torch.Tensor, attributes: Optional[torch.Tensor] = None
                ) -> Tuple[torch.Tensor, DecoderCache]:
-        """Append causal tokens to a cached sequence: each new token attends to every
+        """Append causal tokens to a cached sequence (paper §4.3, prefix-causal): each new token attends to every
         (unpadded) cached token, the new tokens before it and itself.
 
         Args:

@@ -298,7 +298,8 @@ class ProposalDecoder(nn.Module):
     @staticmethod
     def boxes_from_mask_embed(mask_embed: torch.Tensor, mask_features: torch.Tensor, fallback: torch.Tensor,
                               chunk: int = 32) -> torch.Tensor:
-        """``boxes_from_masks`` of the logits ``mask_embed · mask_features`` without holding them:
+        """``boxes_from_masks`` of the logits ``mask_embed · mask_features`` without holding them
+        (the mask-initialised reference boxes of query selection, paper §4.1 / App. A, MaskDINO):
         ``chunk`` queries at a time, each reduced to its rows and columns holding a positive
         logit (a row holds one iff its maximum is > 0). At 800x1067 the (300, 200, 272) logits
         are a 65 MB buffer the allocator maps fresh on every call; 32-query pieces stay in
