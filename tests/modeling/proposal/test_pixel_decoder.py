@@ -267,3 +267,25 @@ def test_channels_last_decoder_gives_nchw_mask_features_equal_to_nchw_decoder():
     assert out.mask_features.is_contiguous()
     torch.testing.assert_close(out.mask_features, ref.mask_features, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.memory, ref.memory, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_size", [(16, 24), (15, 23)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_mask_branch_equals_autograd_path(mask_size, channels_last):
+    """Without autograd the GroupNorms run in place on their convs' outputs and the finest level
+    is upsampled into the lateral map in place (exact 2x: 16x24 next to 8x12); a mask feature
+    of another size (15x23) takes the interpolate path. Both equal the autograd forward."""
+    dec = _decoder().eval()
+    feats = _features()
+    feats["res2"] = torch.randn(2, 8, *mask_size, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        dec.to(memory_format=torch.channels_last)
+        feats = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
+    feats0 = {k: v.clone() for k, v in feats.items()}
+    ref = dec(feats)
+    with torch.no_grad():
+        out = dec(feats)
+    assert all(torch.equal(feats[k], feats0[k]) for k in feats)  # backbone features only read
+    assert out.mask_features.shape == (2, 32, *mask_size)
+    torch.testing.assert_close(out.mask_features, ref.mask_features.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.memory, ref.memory.detach(), rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from torch import nn
 
+from up2.layers.feature_ops import add_upsampled_2x_, group_norm_
 from up2.layers.ms_deform_attn import MSDeformAttn
 from up2.modeling.proposal.position_encoding import position_encoding_2d
 from up2.structures import PixelDecoderOutput
@@ -58,6 +59,25 @@ def _pointwise_conv_nchw(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
     else:
         out = torch.baddbmm(conv.bias[None, :, None], weight, pixels.transpose(1, 2))
     return out.view(n, conv.out_channels, h, w)
+
+
+def _conv_norm_act(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a detectron2 ``Conv2d`` (conv, norm, activation). Without autograd a
+    GroupNorm on a float32 / float64 output is applied in place on the convolution's fresh
+    output (``up2.layers.feature_ops.group_norm_``: no second map, half the time); in bf16 /
+    fp16 torch's GroupNorm is faster and runs as usual.
+
+    Args:
+        conv: detectron2 ``Conv2d``.  x: (N, C_in, H, W) float.
+
+    Returns:
+        (N, C_out, H', W'), as ``conv(x)`` up to float rounding.
+    """
+    if torch.is_grad_enabled() or type(conv.norm) is not nn.GroupNorm:
+        return conv(x)
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = group_norm_(y, conv.norm) if y.dtype in (torch.float32, torch.float64) else conv.norm(y)
+    return y if conv.activation is None else conv.activation(y)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -271,7 +291,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         srcs, poss, masks, shapes = [], [], [], []
         for lvl, name in enumerate(self.in_features):
-            x = self.input_proj[lvl](features[name])  # (N, D, h, w)
+            x = _conv_norm_act(self.input_proj[lvl], features[name])  # (N, D, h, w)
             h, w = x.shape[-2:]
             shapes.append((h, w))
             if padding_mask is not None:
@@ -306,13 +326,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
             chunk.transpose(1, 2).reshape(n, self.hidden_dim, h, w)
             for chunk, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
-        lateral = self.lateral_conv(features[self.mask_in_feature])
-        # NCHW input: bilinear upsampling of the channels-last view (as memory is laid out) returns
-        # NCHW through a slow layout copy; copying the small input first is ~90 ms faster at 800x1067
-        finest = F.interpolate(multi_scale[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear",
-                               align_corners=False)
-        # in place: lateral is GroupNorm's fresh output (its backward does not need it)
-        mask_features = _pointwise_conv_nchw(self.mask_features, self.output_conv(lateral.add_(finest)))
+        lateral = _conv_norm_act(self.lateral_conv, features[self.mask_in_feature])
+        h, w = shapes[-1]
+        if not torch.is_grad_enabled() and tuple(lateral.shape[-2:]) == (2 * h, 2 * w):
+            # the usual case (stride 4 next to a finest level of stride 8): two in-place passes
+            # with fixed weights instead of a new upsampled map (up2.layers.feature_ops)
+            add_upsampled_2x_(lateral, multi_scale[-1])
+        else:
+            # NCHW input: bilinear upsampling of the channels-last view (as memory is laid out)
+            # returns NCHW through a slow layout copy; copying the small input first is faster
+            finest = F.interpolate(multi_scale[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            lateral.add_(finest)  # in place: GroupNorm's fresh output (its backward does not need it)
+        mask_features = _pointwise_conv_nchw(self.mask_features, _conv_norm_act(self.output_conv, lateral))
         return PixelDecoderOutput(
             mask_features=mask_features,
             memory=memory,
