@@ -93,6 +93,19 @@ def test_beam_one_equals_greedy_and_batch_equals_single(joint):
         assert torch.equal(a["caption_ids"], b["caption_ids"])
 
 
+
+def test_caption_zero_beam_or_length_is_an_error_not_the_default(joint):
+    """None means the config's beam size / length; 0 is rejected (it used to fall back to the config)."""
+    cfg, trainer = joint
+    model = trainer.model.eval()
+    inputs = _inputs(cfg, trainer, "CAP", "test_shapes_caption_val", n=1)
+    with torch.no_grad():
+        for kwargs in ({"beam_size": 0}, {"max_length": 0}, {"beam_size": -1}):
+            with pytest.raises(ValueError, match="must be >= 1"):
+                model(inputs, task="CAP", **kwargs)
+        short = model(inputs, task="CAP", max_length=1)[0]["caption_ids"]
+    assert len(short) <= 1 < cfg.TASKS.CAP.MAX_CAPTION_LENGTH
+
 def test_classify_with_new_class_names(joint):
     cfg, trainer = joint
     model = trainer.model.eval()

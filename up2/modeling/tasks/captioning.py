@@ -78,8 +78,10 @@ class CaptioningTask:
             target = vocab.index_of(labels, model.text_encoder)
             loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
             return {"loss_caption": self.spec.loss_weight * loss}
-        return self.generate(model, enc.tokens.batch, vocab, targets, beam_size or self.spec.beam_size,
-                             max_length or self.spec.max_caption_length)
+        # None = the config's value; 0 or a negative value is an error (raised by generate), not the default
+        return self.generate(model, enc.tokens.batch, vocab, targets,
+                             self.spec.beam_size if beam_size is None else beam_size,
+                             self.spec.max_caption_length if max_length is None else max_length)
 
     @torch.no_grad()
     def generate(self, model, image_batch: TokenBatch, vocab: VocabularyTargets, targets: torch.Tensor,
