@@ -66,6 +66,14 @@ def resize_taps(in_size: int, padded: int, size: int, out: Optional[int]) -> Tup
     return index, matrix.gather(1, index).float()
 
 
+def _is_int(v) -> bool:
+    """A Python / numpy integer, or a 0-dim integer tensor (what image sizes become under
+    ``torch.jit.trace``, e.g. fvcore's flop counting)."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, int], out: Tuple[int, int],
                 chunk: int = 4, compiled: Optional[bool] = None) -> torch.Tensor:
     """Binary masks at the original image size.
@@ -96,7 +104,7 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
     if logits.dim() != 3 or not logits.is_floating_point():
         raise ValueError(f"paste_masks: logits must be (K, Hm, Wm) float, got {tuple(logits.shape)} {logits.dtype}")
     for name, pair in (("size", size), ("padded", padded), ("out", out)):
-        if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 for v in pair):
+        if len(pair) != 2 or not all(_is_int(v) and v > 0 for v in pair):
             raise ValueError(f"paste_masks: {name} must be two positive ints (height, width), got {tuple(pair)!r}")
     (h, w), (Hp, Wp), out = (int(v) for v in size), (int(v) for v in padded), tuple(int(v) for v in out)
     if not (h <= Hp and w <= Wp):
