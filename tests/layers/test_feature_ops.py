@@ -1,4 +1,5 @@
 """In-place GroupNorm and 2x bilinear upsample-add against torch's own ops in float64."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,22 +45,50 @@ def test_group_norm_in_place_equals_torch(channels_last, chunk, affine):
         torch.testing.assert_close(group_norm_(x64, norm, chunk=chunk), ref, rtol=0, atol=1e-10)
 
 
-def test_group_norm_in_place_bf16_close_to_torch():
-    norm = _norm(16, 8)
-    x = torch.randn(1, 16, 6, 10).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_group_norm_in_place_large_mean(channels_last, offset):
+    """A mean thousands of standard deviations from 0 does not cancel the variance away (two-pass
+    statistics): as close to the float64 result as torch's own kernel, whatever the chunk."""
+    norm = _norm(8, 4)
+    x = torch.randn(2, 8, 16, 20, generator=torch.Generator().manual_seed(2)) + offset
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     ref = _reference_group_norm(x, norm)
-    with torch.no_grad():
-        out = group_norm_(x.bfloat16(), norm)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, rtol=0.02, atol=0.05)
+    torch_err = (norm(x).double() - ref).abs().max()
+    for chunk in (1, 64, 4096):
+        with torch.no_grad():
+            ours = group_norm_(x.clone(memory_format=torch.preserve_format), norm, chunk=chunk).double()
+        assert (ours - ref).abs().max() <= max(torch_err, 1e-3)
+
+
+def test_group_norm_in_place_with_grad_enabled_and_trainable_norm():
+    """Grad mode on, x without grad, a norm whose parameters require grad: normalised, no graph."""
+    norm = _norm(12, 4)
+    x = torch.randn(1, 12, 5, 6)
+    ref = _reference_group_norm(x, norm)
+    out = group_norm_(x, norm)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+
+
+def test_group_norm_in_place_empty_and_numpy_chunk():
+    norm = _norm(8, 4)
+    for shape in ((0, 8, 4, 4), (2, 8, 0, 4)):
+        x = torch.randn(shape)
+        assert group_norm_(x, norm) is x
+    x = torch.randn(1, 8, 3, 5)
+    ref = _reference_group_norm(x, norm)
+    torch.testing.assert_close(group_norm_(x, norm, chunk=np.int64(2)).double(), ref, rtol=0, atol=2e-5)
 
 
 def test_group_norm_in_place_rejects_bad_input():
     norm = _norm(12, 4)
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\) float"):
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\) float32 / float64"):
         group_norm_(torch.zeros(2, 12, 5), norm)
-    with pytest.raises(ValueError, match=r"\(N, C, H, W\) float"):
-        group_norm_(torch.zeros(1, 12, 2, 2, dtype=torch.long), norm)
+    for dtype in (torch.long, torch.bfloat16, torch.float16):
+        with pytest.raises(ValueError, match=r"\(N, C, H, W\) float32 / float64"):
+            group_norm_(torch.zeros(1, 12, 2, 2, dtype=dtype), norm)
     with pytest.raises(ValueError, match="8 channels, the norm 12"):
         group_norm_(torch.zeros(1, 8, 2, 2), norm)
     for chunk in (0, True, 2.0):
@@ -124,3 +153,29 @@ def test_add_upsampled_2x_rejects_bad_input():
         add_upsampled_2x_(torch.zeros(1, 3, 8, 10), s, rows=0)
     with pytest.raises(ValueError, match="without autograd"):
         add_upsampled_2x_(torch.zeros(1, 3, 8, 10), s.clone().requires_grad_())
+
+
+def test_add_upsampled_2x_non_finite_and_extreme_values_as_interpolate():
+    """Weighted sums as F.interpolate forms them: an inf pixel spreads inf (NaN where +inf meets
+    -inf), values near the float range do not overflow, empty maps are a no-op, numpy rows."""
+    source = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    source[0, 0, 1, 1] = float("inf")
+    source[0, 1, 2, 3] = float("-inf")
+    source[0, 1, 0, 0] = 1.5e308
+    source[0, 1, 0, 1] = -1.6e308
+    target = torch.zeros(1, 2, 8, 10, dtype=torch.float64)
+    ref = F.interpolate(source, size=(8, 10), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        out = add_upsampled_2x_(target, source, rows=np.int64(3))
+    # the outermost output rows / columns: torch multiplies a clamped tap of weight 0 with the
+    # inf (0 * inf = NaN); ours leaves zero-weight taps out, so compare inside them, and there
+    # only that the border rows have no NaN of ours
+    inner, ref_inner = out[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1]
+    assert torch.equal(inner.isnan(), ref_inner.isnan()) and torch.equal(inner.isinf(), ref_inner.isinf())
+    assert inner.isinf().sum() > 0 and inner.isnan().sum() == 0
+    finite = ref.isfinite()
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-12, atol=1e-12)
+    assert out[0, 1, :2, :4].isfinite().all()  # next to +-1.5e308: no overflow in a difference
+    for h, w in ((0, 3), (2, 0)):
+        empty = torch.zeros(1, 2, 2 * h, 2 * w)
+        assert add_upsampled_2x_(empty, torch.zeros(1, 2, h, w)) is empty
