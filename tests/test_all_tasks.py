@@ -100,8 +100,9 @@ def test_caption_zero_beam_or_length_is_an_error_not_the_default(joint):
     model = trainer.model.eval()
     inputs = _inputs(cfg, trainer, "CAP", "test_shapes_caption_val", n=1)
     with torch.no_grad():
-        for kwargs in ({"beam_size": 0}, {"max_length": 0}, {"beam_size": -1}):
-            with pytest.raises(ValueError, match="must be >= 1"):
+        for kwargs in ({"beam_size": 0}, {"max_length": 0}, {"beam_size": -1}, {"beam_size": True},
+                       {"beam_size": 2.0}, {"max_length": 2.5}, {"max_length": float("inf")}):
+            with pytest.raises(ValueError, match="must be an int >= 1"):
                 model(inputs, task="CAP", **kwargs)
         short = model(inputs, task="CAP", max_length=1)[0]["caption_ids"]
     assert len(short) <= 1 < cfg.TASKS.CAP.MAX_CAPTION_LENGTH

@@ -74,6 +74,15 @@ def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def _is_pair(pair) -> bool:
+    """Two positive ints (``_is_int``): a tuple, list, torch.Size, or a 1-D tensor / array of 2."""
+    try:
+        values = list(pair)
+    except TypeError:
+        return False
+    return len(values) == 2 and all(_is_int(v) and v > 0 for v in values)
+
+
 def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, int], out: Tuple[int, int],
                 chunk: int = 4, compiled: Optional[bool] = None) -> torch.Tensor:
     """Binary masks at the original image size.
@@ -99,13 +108,14 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
             ``padded`` / ``out`` not two positive ints, or ``size`` larger than ``padded``.
         RuntimeError: ``compiled=True`` where the kernel is unavailable or the tensors are not on the CPU.
     """
-    if not isinstance(chunk, numbers.Integral) or chunk < 1:
+    if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"paste_masks: chunk must be an int >= 1, got {chunk!r}")
-    if logits.dim() != 3 or not logits.is_floating_point():
-        raise ValueError(f"paste_masks: logits must be (K, Hm, Wm) float, got {tuple(logits.shape)} {logits.dtype}")
+    if logits.dim() != 3 or not logits.is_floating_point() or logits.shape[1] < 1 or logits.shape[2] < 1:
+        raise ValueError(f"paste_masks: logits must be (K, Hm, Wm) float with Hm, Wm >= 1, got "
+                         f"{tuple(logits.shape)} {logits.dtype}")
     for name, pair in (("size", size), ("padded", padded), ("out", out)):
-        if len(pair) != 2 or not all(_is_int(v) and v > 0 for v in pair):
-            raise ValueError(f"paste_masks: {name} must be two positive ints (height, width), got {tuple(pair)!r}")
+        if not _is_pair(pair):
+            raise ValueError(f"paste_masks: {name} must be two positive ints (height, width), got {pair!r}")
     (h, w), (Hp, Wp), out = (int(v) for v in size), (int(v) for v in padded), tuple(int(v) for v in out)
     if not (h <= Hp and w <= Wp):
         raise ValueError(f"paste_masks: size {tuple(size)} must fit in the padded size {tuple(padded)}")

@@ -10,6 +10,7 @@ Inference: batched beam search (beam 1 = greedy), stopping at the end token.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -55,7 +56,10 @@ class CaptioningTask:
 
     def __call__(self, model, batched_inputs: Sequence[dict], beam_size: Optional[int] = None,
                  max_length: Optional[int] = None):
-        """Raises: KeyError for a training input without "caption"; ValueError for an empty caption."""
+        """beam_size / max_length: None = the config's BEAM_SIZE / MAX_CAPTION_LENGTH.
+
+        Raises: KeyError for a training input without "caption"; ValueError for an empty caption,
+        or (at inference) a beam_size / max_length that is not an int >= 1 (bool and float too)."""
         enc = model.encode_image(batched_inputs, self.family)
         vocab = self.vocabulary(model.text_encoder)
         targets = vocab.embed(model, self.family)  # (V, d)
@@ -93,8 +97,14 @@ class CaptioningTask:
         Returns:
             per image {"caption": str, "caption_ids": (t,) int64 without special tokens}.
         """
-        if beam_size < 1 or max_length < 1:
-            raise ValueError(f"beam_size and max_length must be >= 1, got {beam_size}, {max_length}")
+        for name, value in (("beam_size", beam_size), ("max_length", max_length)):
+            try:
+                ok = not isinstance(value, bool) and operator.index(value) >= 1
+            except TypeError:  # a float, None, a non-integer tensor
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        beam_size, max_length = operator.index(beam_size), operator.index(max_length)
         te = model.text_encoder
         sp = te.special_ids
         ids_v = vocab.resolve(te)
