@@ -13,6 +13,11 @@ resize bilinearly to the original (out_h, out_w) when that differs, threshold at
   within ~1e-6 of 0 may flip. CPU only.
 * ``pytorch``: ``F.interpolate`` on ``chunk`` masks at a time, then ``> 0`` (the reference).
 
+Which path runs: ``paste_masks(compiled=True | False)`` when the caller says; else the
+environment variable ``UP2_PASTE_PATH`` = ``pytorch`` | ``compiled`` | ``auto`` (default: the
+kernel for CPU tensors when it is built), so the model's post-processing can be switched to the
+reference without code changes (as ``UP2_MSDA_PATH`` does for deformable attention).
+
 At 800x1067, 100 masks, 2 threads (a shared, busy machine): ~260 ms on the PyTorch path, ~110 ms
 compiled; at a 480x640 original size ~245 vs ~75 ms.
 """
@@ -20,12 +25,16 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["paste_masks", "compiled_paste_available", "resize_taps"]
+__all__ = ["paste_masks", "compiled_paste_available", "resize_taps", "PASTE_PATH_ENV"]
+
+PASTE_PATH_ENV = "UP2_PASTE_PATH"
+_PATHS = ("auto", "pytorch", "compiled")
 
 
 def compiled_paste_available() -> bool:
@@ -66,6 +75,30 @@ def resize_taps(in_size: int, padded: int, size: int, out: Optional[int]) -> Tup
     return index, matrix.gather(1, index).float()
 
 
+def _use_compiled(device: torch.device, compiled: Optional[bool]) -> bool:
+    """Whether the compiled kernel pastes tensors on ``device``: ``compiled`` when given, else
+    ``UP2_PASTE_PATH`` (module docstring).
+
+    Raises:
+        ValueError: ``UP2_PASTE_PATH`` not one of auto / pytorch / compiled.
+        RuntimeError: the compiled path is asked for (argument or environment) where the kernel
+            is not built or the tensors are not on the CPU.
+    """
+    if compiled is None:
+        forced = os.environ.get(PASTE_PATH_ENV, "auto").strip().lower() or "auto"
+        if forced not in _PATHS:
+            raise ValueError(f"{PASTE_PATH_ENV} must be one of {', '.join(_PATHS)}, "
+                             f"got {os.environ.get(PASTE_PATH_ENV)!r}")
+        if forced == "auto":
+            return device.type == "cpu" and compiled_paste_available()
+        compiled = forced == "compiled"
+    if compiled and not (device.type == "cpu" and compiled_paste_available()):
+        raise RuntimeError("paste_masks: the compiled kernel needs CPU tensors and the built library "
+                           f"(python -m up2.layers.build_msda); {PASTE_PATH_ENV}=pytorch or compiled=False "
+                           "uses F.interpolate")
+    return bool(compiled)
+
+
 def _is_int(v) -> bool:
     """A Python / numpy integer, or a 0-dim integer tensor (what image sizes become under
     ``torch.jit.trace``, e.g. fvcore's flop counting)."""
@@ -94,7 +127,8 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
         chunk: masks resized at a time on the PyTorch path (bounds its float32 temporaries to
             ``chunk`` padded images; the result does not depend on it).
         compiled: True = the compiled kernel (raises if unavailable), False = PyTorch, None =
-            the kernel for CPU tensors when it is built, else PyTorch.
+            as ``UP2_PASTE_PATH`` says (default: the kernel for CPU tensors when it is built,
+            else PyTorch).
 
     Returns:
         (K, out_h, out_w) bool: bilinear upsampling to (Hp, Wp), crop to (h, w), bilinear
@@ -105,8 +139,10 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
 
     Raises:
         ValueError: ``chunk`` not an int >= 1, logits not (K, Hm, Wm) float, ``size`` /
-            ``padded`` / ``out`` not two positive ints, or ``size`` larger than ``padded``.
-        RuntimeError: ``compiled=True`` where the kernel is unavailable or the tensors are not on the CPU.
+            ``padded`` / ``out`` not two positive ints, ``size`` larger than ``padded``, or a
+            ``UP2_PASTE_PATH`` other than auto / pytorch / compiled.
+        RuntimeError: the compiled path asked for (``compiled=True`` or ``UP2_PASTE_PATH=compiled``)
+            where the kernel is unavailable or the tensors are not on the CPU.
     """
     if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"paste_masks: chunk must be an int >= 1, got {chunk!r}")
@@ -119,12 +155,7 @@ def paste_masks(logits: torch.Tensor, size: Tuple[int, int], padded: Tuple[int, 
     (h, w), (Hp, Wp), out = (int(v) for v in size), (int(v) for v in padded), tuple(int(v) for v in out)
     if not (h <= Hp and w <= Wp):
         raise ValueError(f"paste_masks: size {tuple(size)} must fit in the padded size {tuple(padded)}")
-    if compiled is None:
-        compiled = logits.device.type == "cpu" and compiled_paste_available()
-    elif compiled and not (logits.device.type == "cpu" and compiled_paste_available()):
-        raise RuntimeError("paste_masks: the compiled kernel needs CPU tensors and the built library "
-                           "(python -m up2.layers.build_msda)")
-    if compiled:
+    if _use_compiled(logits.device, compiled):
         second = out != (h, w)
         ri, rw = resize_taps(logits.shape[1], Hp, h, out[0] if second else None)
         ci, cw = resize_taps(logits.shape[2], Wp, w, out[1] if second else None)

@@ -253,3 +253,52 @@ def test_sizes_as_zero_dim_int_tensors():
     as_tensors = [tuple(torch.tensor(v) for v in pair) for pair in (SIZE, PADDED, (37, 61))]
     for compiled in (False, None):
         assert torch.equal(pm.paste_masks(logits, *as_tensors, compiled=compiled), ref)
+
+
+def test_environment_picks_the_path(monkeypatch):
+    """UP2_PASTE_PATH chooses the path when the caller does not; an explicit argument wins; a bad
+    value or a compiled path that cannot run is an error naming the variable."""
+    calls = []
+    real = pm.F.interpolate
+
+    def counting_interpolate(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pm.F, "interpolate", counting_interpolate)
+    logits = _logits(2)
+    ref = pm.paste_masks(logits, SIZE, PADDED, (37, 61), compiled=False)
+    monkeypatch.setenv("UP2_PASTE_PATH", "pytorch")
+    calls.clear()
+    assert torch.equal(pm.paste_masks(logits, SIZE, PADDED, (37, 61)), ref)
+    assert calls  # F.interpolate pasted the masks
+    monkeypatch.setenv("UP2_PASTE_PATH", "bogus")
+    with pytest.raises(ValueError, match="UP2_PASTE_PATH must be one of auto, pytorch, compiled"):
+        pm.paste_masks(logits, SIZE, PADDED, (37, 61))
+    assert torch.equal(pm.paste_masks(logits, SIZE, PADDED, (37, 61), compiled=False), ref)  # argument wins
+    monkeypatch.setenv("UP2_PASTE_PATH", "compiled")
+    if pm.compiled_paste_available():
+        pm.paste_masks(logits, SIZE, PADDED, (37, 61), compiled=True)  # resize_taps caches its F.interpolate taps
+        calls.clear()
+        got = pm.paste_masks(logits, SIZE, PADDED, (37, 61))
+        assert not calls  # the kernel, not F.interpolate
+        _assert_same_masks("compiled", got, logits, SIZE, PADDED, (37, 61))
+    else:
+        with pytest.raises(RuntimeError, match="UP2_PASTE_PATH=pytorch"):
+            pm.paste_masks(logits, SIZE, PADDED, (37, 61))
+
+
+def test_environment_without_the_kernel(monkeypatch):
+    """No built kernel: auto falls back to F.interpolate; compiled (environment or argument) raises."""
+    monkeypatch.setattr(pm, "compiled_paste_available", lambda: False)
+    logits = _logits(2)
+    ref = pm.paste_masks(logits, SIZE, PADDED, (37, 61), compiled=False)
+    for value in ("auto", "", " Auto "):
+        monkeypatch.setenv("UP2_PASTE_PATH", value)
+        assert torch.equal(pm.paste_masks(logits, SIZE, PADDED, (37, 61)), ref)
+    monkeypatch.setenv("UP2_PASTE_PATH", "compiled")
+    with pytest.raises(RuntimeError, match="UP2_PASTE_PATH=pytorch or compiled=False"):
+        pm.paste_masks(logits, SIZE, PADDED, (37, 61))
+    monkeypatch.delenv("UP2_PASTE_PATH")
+    with pytest.raises(RuntimeError, match="needs CPU tensors and the built library"):
+        pm.paste_masks(logits, SIZE, PADDED, (37, 61), compiled=True)
