@@ -5,6 +5,11 @@ allocates no new full-resolution map for them: at 800x1067 such a map is (1, 256
 55 MB in float32, which the allocator maps fresh on every call (page faults) before the op can
 write it. Neither records autograd history; callers use them only without autograd.
 
+Source: the mask-feature branch of the pixel decoder (paper §4.1 and App. A: MaskDINO's
+stride-4 mask features = lateral conv + GroupNorm of the stride-4 backbone map plus the
+bilinearly upsampled finest encoder level, then conv + GroupNorm + ReLU); GroupNorm is Wu & He
+(2018). All sizes are in pixels of the feature maps (stride 4 and 8 of the padded image).
+
 - ``group_norm_``: GroupNorm (Wu & He 2018) applied in place, float32 / float64. Two passes
   for the statistics: per-channel means, then per-channel sums of squared deviations from them
   (float32 chunks, combined in float64), joined per group by the law of total variance, so a
@@ -172,7 +177,8 @@ def add_upsampled_2x_(target: torch.Tensor, source: torch.Tensor, rows: int = 16
     src = source.permute(0, 2, 3, 1).to(dtype)  # (N, h, w, C)
     # one-pass mixes (lerp) unless a value is non-finite or beyond half the range (amax is NaN
     # then, or too large): one reduction over the small source decides for all passes
-    mix = _mix_lerp if bool(src.abs().amax() < torch.finfo(dtype).max / 2) else _mix_sum
+    largest = torch.linalg.vector_norm(src, float("inf"))  # max |value|, NaN if any; no temporary
+    mix = _mix_lerp if bool(largest < torch.finfo(dtype).max / 2) else _mix_sum
     wide = _upsample_rows_2x(src, torch.empty(n, h, 2 * w, c, dtype=dtype, device=source.device), mix)
     out = target.permute(0, 2, 3, 1)  # (N, 2h, 2w, C), a view of target
     block = torch.empty(n, min(rows, h), 2 * w, c, dtype=dtype, device=source.device)

@@ -121,6 +121,7 @@ class CaptioningTask:
         text_attr = constant_attributes(N * K, 1, modality=Modality.TEXT, role=Role.INPUT,
                                         attention=TokenAttention.CAUSAL, task=self.family, device=model.device,
                                         dtype=dtype).to(image_batch.attributes.dtype)
+        pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])  # once, not per step
         seqs = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
         scores = torch.full((N, K), float("-inf"), device=model.device)
         scores[:, 0] = 0.0  # start from one live beam per image
@@ -131,7 +132,6 @@ class CaptioningTask:
             out, cache = g.extend(cache, newest, text_attr)
             logp = model.likelihood(out[:, 0], targets).log_softmax(-1)  # (N*K, V)
             # finished beams extend with padding at no cost
-            pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])
             logp[done] = float("-inf")
             logp[done, pad_index] = 0.0
             V = logp.shape[1]
