@@ -15,6 +15,43 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Base layer of reproducibility: torch, numpy and ``random`` start from seed 0 in every test
+    (tests whose numbers matter still seed explicitly, next to the draws)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def random_projection(out, seed: int = 0):
+    """A scalar objective ``sum(out * R)`` with a fixed random ``R`` (standard normal, seeded):
+    its gradient is ``R`` pushed back through the network, non-zero for any output that
+    depends on the input -- unlike ``out.sum()``, whose gradient through a normalised output
+    (LayerNorm with unit weight and zero bias, softmax, ...) is exactly zero and only rounding
+    noise reaches the parameters. Computed in float32 (bf16 outputs included)."""
+    import torch
+
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
+    return (out.float() * r).sum()
+
+
+def assert_grad_norm(grad, at_least: float, name: str = "grad"):
+    """``grad`` exists, is finite and its L2 norm is at least ``at_least`` (far above the ~1e-6
+    rounding noise of a gradient that is zero in exact arithmetic)."""
+    import torch
+
+    assert grad is not None, f"{name}: no gradient"
+    assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
+    norm = grad.float().norm().item()
+    assert norm >= at_least, f"{name}: gradient norm {norm:.3g} < {at_least}"
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -1,4 +1,5 @@
 import torch
+from conftest import assert_grad_norm, random_projection
 
 from up2.modeling.unified_decoder import UnifiedDecoder, build_attention_mask
 from up2.structures import AttentionKind, TokenBatch
@@ -13,6 +14,7 @@ def _batch(B=2, T=5, d=16, pad_last=(0, 2), prefix=None, kind=AttentionKind.BIDI
 
 
 def test_prefix_causal_mask_matches_brute_force():
+    torch.manual_seed(0)
     batch = _batch(T=6, pad_last=(0, 1), prefix=torch.tensor([2, 4]), kind=AttentionKind.PREFIX_CAUSAL)
     mask = build_attention_mask(batch)[:, 0]
     for b in range(2):
@@ -50,11 +52,24 @@ def test_causal_future_does_not_leak():
 
 
 def test_spe_is_prepended_and_gradients_flow():
+    """The output is post-LayerNorm (unit weight, zero bias at init), so ``out[:, 0].sum()`` has
+    an exactly-zero gradient (only rounding noise, ~1e-6, reached [SPE]); a fixed random
+    projection of the [SPE] row has a real one."""
+    torch.manual_seed(0)
     dec = UnifiedDecoder(embed_dim=16, num_layers=1, num_heads=2, ffn_dim=32, dropout=0.0)
-    out = dec(_batch())
+    batch = _batch()
+    out = dec(batch)
     assert out.shape == (2, 6, 16)
-    out[:, 0].sum().backward()
-    assert dec.spe.grad is not None and dec.spe.grad.abs().sum() > 0
+    # [SPE] is position 0 of every sequence: changing it (not by a constant, which a LayerNorm
+    # removes) moves row 0
+    step = torch.randn(dec.spe.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dec.spe.add_(step)
+        moved = dec(batch)
+        dec.spe.sub_(step)
+    assert (moved[:, 0] - out[:, 0]).abs().max() > 0.1
+    random_projection(out[:, 0]).backward()
+    assert_grad_norm(dec.spe.grad, 1.0, "spe")
 
 
 def _moe_decoder(d=16):
@@ -124,6 +139,7 @@ def test_decoder_cache_reorder_follows_the_sequences():
 def test_incremental_decoding_rejects_training_mode_and_bad_shapes():
     import pytest
 
+    torch.manual_seed(0)
     dec = _moe_decoder()
     prefix, text, txt_attr, _ = _prefix_and_text()
     cache = dec.prefill(prefix)
