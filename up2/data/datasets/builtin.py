@@ -14,7 +14,7 @@ FileNotFoundError naming the expected path. Layouts (``<D>`` = ``$DETECTRON2_DAT
 
     coco_2017_{train,val}                       detectron2's built-in (COCO instances)
     imagenet_1k_{train,val}                     <D>/imagenet/{train,val}/<wnid>/*.JPEG (the 1000 ILSVRC-2012
-                                                wnids; names from timm's ImageNet-1k synset table)
+                                                wnids; distinct names from timm's ImageNet-1k synset table)
     coco_caption_karpathy_{train,val,test}      <D>/coco/annotations/captions_karpathy_{split}.json,
                                                 images <D>/coco/{train2014,val2014}/ (Karpathy "filepath")
     flickr30k_karpathy_{train,val,test}         <D>/flickr30k/annotations/captions_karpathy_{split}.json,
@@ -43,7 +43,7 @@ from typing import Callable, List, Optional, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .captions import load_coco_caption_dicts
-from .imagenet import load_imagenet_folder
+from .imagenet import load_imagenet_folder, unique_class_names
 from .shapes import register_shapes
 from .shapes_tasks import register_shapes_tasks
 from .text_corpus import load_text_corpus
@@ -77,16 +77,25 @@ def detectron2_datasets_root() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets")))
 
 
+# Distinguishing words for ImageNet-1k synsets whose lemmas are all shared (WordNet hypernyms).
+_IMAGENET_HINTS = {"n02012849": "bird", "n03126707": "machine"}
+
+
 def imagenet_1k_classes() -> Tuple[List[str], List[str]]:
     """(wnids, names) of the 1000 ImageNet-1k classes in sorted-wnid order (= class ids of an
-    ImageNet folder); a name is the first lemma of the synset ("tench", "goldfish"), read from
-    timm's offline synset table. Two names repeat, as in ImageNet itself: "crane" (bird and
-    machine) and "maillot"."""
+    ImageNet folder), read from timm's offline synset table. A name is the first lemma of the
+    synset ("tench", "goldfish"). The 1000 names are distinct (:func:`unique_class_names`): of two
+    synsets with one first lemma, one takes its next free lemma ("maillot" and "tank suit"), and
+    where none is left both get a hint ("crane (bird)", "crane (machine)")."""
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo("imagenet-1k")
     pairs = sorted(zip(info.label_names(), info.label_descriptions()))
-    return [w for w, _ in pairs], [d.split(",")[0].strip() for _, d in pairs]
+    wnids = [w for w, _ in pairs]
+    lemmas = [[lemma.strip() for lemma in d.split(",")] for _, d in pairs]
+    names = unique_class_names([ls[0] for ls in lemmas], alternatives=[ls[1:] for ls in lemmas],
+                               hints=[_IMAGENET_HINTS.get(w, w) for w in wnids])
+    return wnids, names
 
 
 def _missing(name: str, path: str, what: str) -> FileNotFoundError:

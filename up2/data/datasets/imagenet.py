@@ -24,8 +24,12 @@ from an optional class-name file, one of:
 
 A text file is read in the ``<folder> <name>`` form when the first token of its first non-empty
 line is a class folder and a name follows; otherwise in the one-name-per-line form. Blank lines
-are skipped. Without a file, the folder names are the class names. Duplicate names are allowed
-(ImageNet has two "crane"s) but logged.
+are skipped. Without a file, the folder names are the class names.
+
+Class names are made unique (:func:`unique_class_names`), since two classes with one name would
+share one text target: a name used by several folders (ImageNet's ``LOC_synset_mapping.txt`` has
+two "crane"s) becomes ``"<name> (<folder>)"`` for each of them, and the change is logged. Names
+used once are never changed.
 """
 from __future__ import annotations
 
@@ -38,11 +42,68 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .text_corpus import replace_registration
 
-__all__ = ["register_imagenet_folder", "load_imagenet_folder", "read_class_names", "IMAGE_EXTENSIONS"]
+__all__ = ["register_imagenet_folder", "load_imagenet_folder", "read_class_names", "unique_class_names",
+           "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def unique_class_names(
+    names: Sequence[str],
+    alternatives: Optional[Sequence[Sequence[str]]] = None,
+    hints: Optional[Sequence[str]] = None,
+) -> List[str]:
+    """Make C class names unique, deterministically, changing only names that several classes share.
+
+    For each shared name (groups in order of first use, members in index order): a member takes
+    its first alternative that no class uses as its name and no earlier change took (ImageNet's
+    second "maillot", "maillot, tank suit", becomes "tank suit"). If one member is left with the
+    shared name it keeps it; if several are, each becomes ``"<name> (<hint>)"`` (or
+    ``"<name> (class <i>)"`` when that is taken too or no hint is given).
+
+    Args:
+        names: C preferred names; index = class id.
+        alternatives: per class, other names in order of preference (e.g. a synset's other lemmas).
+        hints: per class, a short distinguishing word (e.g. "bird" / "machine", or the folder).
+    Returns:
+        C distinct names; ``result[i] == names[i]`` whenever ``names[i]`` is used once.
+    Raises:
+        ValueError: ``alternatives`` / ``hints`` do not have one entry per class.
+    """
+    names = list(names)
+    for what, seq in (("alternatives", alternatives), ("hints", hints)):
+        if seq is not None and len(seq) != len(names):
+            raise ValueError(f"unique_class_names: {what} has {len(seq)} entries for {len(names)} class names")
+    taken = set(names)
+    out = list(names)
+    groups: Dict[str, List[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        left = []
+        for i in members:
+            alt = next((a.strip() for a in (alternatives[i] if alternatives else ()) if a.strip() and a.strip() not in taken), None)
+            if alt is None:
+                left.append(i)
+            else:
+                out[i] = alt
+                taken.add(alt)
+        if len(left) < 2:
+            continue
+        for i in left:
+            hint = hints[i].strip() if hints and hints[i] and hints[i].strip() else None
+            candidate = f"{name} ({hint})" if hint else None
+            if candidate is None or candidate in taken:
+                candidate = f"{name} (class {i})"
+            if candidate in taken:  # only if a class is literally called so: say so rather than guess
+                raise ValueError(f"unique_class_names: cannot disambiguate {name!r} of class {i}: {candidate!r} is taken")
+            out[i] = candidate
+            taken.add(candidate)
+    return out
 
 
 def _class_folders(root: str) -> List[str]:
@@ -130,7 +191,8 @@ def read_class_names(root: str, class_names_file: Optional[str] = None) -> List[
         root: the dataset root holding one folder per class.
         class_names_file: optional ``.json`` (by extension) or text file of class names.
     Returns:
-        C names; index = contiguous class id.
+        C distinct names; index = contiguous class id (a name shared by several folders gets
+        `` (<folder>)`` appended for each of them; :func:`unique_class_names`).
     Raises:
         FileNotFoundError: ``root`` or the class-name file does not exist.
         ValueError: no class folders; a malformed class-name file, a folder without a name, a
@@ -144,10 +206,12 @@ def read_class_names(root: str, class_names_file: Optional[str] = None) -> List[
         if not os.path.isfile(path):
             raise FileNotFoundError(f"class-name file not found: {path}")
         names = _names_from_json(path, folders) if path.lower().endswith(".json") else _names_from_text(path, folders)
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        logger.warning(f"{root}: class names {dupes[:5]} are shared by several class folders")
-    return names
+    unique = unique_class_names(names, hints=folders)
+    changed = [f"{folder}: {a!r} -> {b!r}" for folder, a, b in zip(folders, names, unique) if a != b]
+    if changed:
+        logger.warning(f"{root}: class names shared by several class folders were made unique: "
+                       f"{'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}")
+    return unique
 
 
 def load_imagenet_folder(
