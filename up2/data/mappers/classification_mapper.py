@@ -1,4 +1,4 @@
-"""Dataset mapper for image classification (paper §5.1 ImageNet-1k; DESIGN §3 step 2).
+"""Dataset mapper for image classification (paper §5.1 ImageNet-1k).
 
 Shape shorthand: H0, W0 original image size; H, W size after augmentation.
 
@@ -24,7 +24,8 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import transforms as T
 
-from ..image_io import SUPPORTED_FORMATS, read_image
+from ..image_io import SUPPORTED_FORMATS, check_image_size, read_image
+from .record_errors import naming_file
 
 __all__ = ["ClassificationDatasetMapper", "build_image_augmentations", "read_and_augment"]
 
@@ -62,23 +63,23 @@ def read_and_augment(
     Returns:
         ((3, H, W) uint8 tensor in ``image_format``, (H0, W0) original size in pixels).
     Raises:
-        ValueError: missing ``file_name``, unreadable image, or a size that disagrees with the
-            record's ``height``/``width`` (names the file).
+        ValueError: missing ``file_name``, an unreadable or too large image, or a size that
+            disagrees with the record's ``height``/``width`` (``SizeMismatchError``, names the file
+            and, when width and height are swapped, the EXIF orientation).
         FileNotFoundError: the image file does not exist.
+        Any other error while reading or augmenting is re-raised naming the file (``naming_file``).
     """
     if "file_name" not in record:
         raise ValueError(f"dataset record is missing 'file_name' (record keys: {sorted(record)})")
-    image = read_image(record["file_name"], format=image_format)
-    orig = image.shape[:2]
-    for key, actual in (("height", orig[0]), ("width", orig[1])):
-        if key in record and record[key] != actual:
-            raise ValueError(
-                f"image {record['file_name']}: record says {key}={record[key]!r} but the image has {key} {actual} pixels"
-            )
-    aug_input = T.AugInput(image)
-    augmentations(aug_input)
-    image = aug_input.image
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), (int(orig[0]), int(orig[1]))
+    file_name = record["file_name"]
+    with naming_file(file_name):
+        image = read_image(file_name, format=image_format)
+        orig = image.shape[:2]
+        check_image_size(record, orig, file_name)
+        aug_input = T.AugInput(image)
+        augmentations(aug_input)
+        image = aug_input.image
+        return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))), (int(orig[0]), int(orig[1]))
 
 
 class ClassificationDatasetMapper:
@@ -143,7 +144,7 @@ class ClassificationDatasetMapper:
             raise ValueError(f"record of {file_name}: 'class_id' must be a non-negative int (contiguous id), got {cid!r}")
         if self.num_classes is not None and cid >= self.num_classes:
             raise ValueError(f"record of {file_name}: 'class_id' {cid} is not in [0, {self.num_classes})")
-        image, (h0, w0) = read_and_augment(dataset_dict, self.augmentations, self.image_format)
+        image, (h0, w0) = read_and_augment(dataset_dict, self.augmentations, self.image_format)  # names the file on error
         return {
             "image": image,
             "height": h0,

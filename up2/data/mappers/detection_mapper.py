@@ -1,4 +1,4 @@
-"""Dataset mapper for detection / instance segmentation (paper §5.1 COCO tasks; DESIGN §3 step 2).
+"""Dataset mapper for detection / instance segmentation (paper §5.1 COCO tasks).
 
 Shape shorthand: H0, W0 original image size; H, W size after augmentation; K instances kept.
 
@@ -15,7 +15,7 @@ Crowd annotations (``iscrowd=1``) are never training targets. In eval mode there
 "instances" (COCOEvaluator reads the ground truth from the json).
 
 Augmentations: ResizeShortestEdge (+ RandomFlip) as detectron2, or large-scale jitter
-(``INPUT.LSJ``: RandomFlip, ResizeScale, FixedSizeCrop; MaskDINO's recipe, DESIGN §11). With
+(``INPUT.LSJ``: RandomFlip, ResizeScale, FixedSizeCrop; MaskDINO's R50 recipe). With
 LSJ the polygons are rasterised at the original size before cropping (detectron2's polygon
 crop needs ``shapely``, which up2 does not require), and boxes are recomputed from the masks.
 """
@@ -34,7 +34,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, PolygonMasks
 from fvcore.transforms.transform import CropTransform
 
-from ..image_io import SUPPORTED_FORMATS, read_image
+from ..image_io import SUPPORTED_FORMATS, check_image_size, read_image
+from .record_errors import naming_file
 
 __all__ = ["DetectionDatasetMapper", "build_detection_augmentations"]
 
@@ -80,9 +81,12 @@ class DetectionDatasetMapper:
         TypeError: the record is not a dict.
         ValueError: a missing field (``file_name``, ``image_id``, ``annotations`` in training,
             ``bbox``/``bbox_mode``/``category_id`` of an annotation), a bad category id, an image
-            whose size disagrees with the record's height/width, or an image that cannot be
-            read; the message names the file and field.
+            whose size disagrees with the record's height/width (``SizeMismatchError``; names
+            EXIF orientation when width and height are swapped), an image that cannot be read or
+            is too large (``up2.data.image_io.ImageTooLargeError``); the message names the file and field.
         FileNotFoundError: the image file does not exist.
+        Any other error while reading or transforming the record is re-raised naming the file
+        (``record_errors.naming_file``, chained with ``from``).
     """
 
     @configurable
@@ -192,10 +196,17 @@ class DetectionDatasetMapper:
         if self.is_train and not isinstance(dataset_dict.get("annotations"), list):
             raise ValueError(f"training record of {file_name} needs an 'annotations' list, got {dataset_dict.get('annotations')!r}")
         record = {k: v for k, v in dataset_dict.items() if k != "annotations"}  # annotations copied lazily
+        with naming_file(file_name):
+            return self._map(dataset_dict, record, file_name)
 
+    def _map(self, dataset_dict: dict, record: dict, file_name: str) -> dict:
+        """Read, check, augment and build targets for one validated record (inside ``naming_file``)."""
         image = read_image(file_name, format=self.image_format)
-        utils.check_image_size(record, image)  # SizeMismatchError (a ValueError) names the file
+        check_image_size(record, image.shape[:2], file_name)  # names the file; says when EXIF is the likely cause
         orig_shape = image.shape[:2]
+        for key, size in (("height", orig_shape[0]), ("width", orig_shape[1])):
+            if record.get(key) is None:  # absent: predictions are rescaled to the image's own size
+                record[key] = size
 
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
