@@ -2,8 +2,9 @@
 """The main job (README's first command, ``make demo``): build shapes, train a tiny UP2 on the
 CPU, evaluate it with COCOEvaluator, and predict on real photos that scikit-image ships.
 
-Writes to ``--output`` (default output/demo): ``model_final.pth``, ``metrics.json`` (COCO
-box/mask AP on shapes val, training time, per-photo detections) and ``pictures/*.png``.
+Writes to ``--output`` (default output/demo): ``model_final.pth``, ``summary.json`` (COCO
+box/mask AP on shapes val, training time, per-photo detections; strict JSON, NaN as null) and
+``pictures/*.png``. ``metrics.json`` in the same folder is detectron2's JSON-lines training log.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "logo")  # camera is grayscale, logo is RGBA
+SUMMARY_FILE = "summary.json"  # not "metrics.json": detectron2's JSONWriter logs training there
 
 
 def sh(args, env=None):
@@ -35,6 +37,18 @@ def save_photos(folder: str):
         Image.fromarray(getattr(skimage.data, name)()).save(path)
         paths.append(path)
     return paths
+
+
+def write_summary(out: str, summary: dict) -> str:
+    """Write the main job's summary as strict JSON to ``<out>/summary.json``; returns the path.
+
+    Detectron2's own ``metrics.json`` (one JSON object per logged iteration) in ``out`` is left alone.
+    """
+    from up2.utils import write_json_atomic
+
+    path = os.path.join(out, SUMMARY_FILE)
+    write_json_atomic(summary, path)
+    return path
 
 
 def main(argv=None):
@@ -60,14 +74,14 @@ def main(argv=None):
 
     sys.path.insert(0, REPO)
     from projects.demo.demo import run, setup_cfg
-    from up2.utils import write_json_atomic
 
     photos = save_photos(os.path.join(out, "photos"))
     cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", weights])
     detections = run(cfg, photos, os.path.join(out, "pictures"), threshold=0.3)
 
-    evaluation = json.load(open(os.path.join(out, "eval_results.json")))
-    metrics = {
+    with open(os.path.join(out, "eval_results.json"), encoding="utf-8") as f:
+        evaluation = json.load(f)
+    summary = {
         "config": args.config_file,
         "iterations": args.iters,
         "train_seconds": round(t_train, 1),
@@ -75,9 +89,9 @@ def main(argv=None):
         "shapes_val": evaluation,
         "photos": detections,
     }
-    write_json_atomic(metrics, os.path.join(out, "metrics.json"))
-    print(json.dumps({k: metrics[k] for k in ("iterations", "train_seconds", "shapes_val")}, indent=2))
-    print(f"\nmain job done: pictures in {os.path.join(out, 'pictures')}, metrics in {os.path.join(out, 'metrics.json')}")
+    path = write_summary(out, summary)
+    print(json.dumps({k: summary[k] for k in ("iterations", "train_seconds", "shapes_val")}, indent=2))
+    print(f"\nmain job done: pictures in {os.path.join(out, 'pictures')}, summary in {path}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from up2.utils.atomic import atomic_write
+from up2.utils.atomic import write_json_atomic
 
 __all__ = ["CaptioningEvaluator", "simple_tokenize", "load_coco_captions", "caption_scores"]
 
@@ -197,8 +197,7 @@ class CaptioningEvaluator(DatasetEvaluator):
 
     def _write(self, predictions: List[dict]):
         path = os.path.join(self._output_dir, RESULTS_FILE)
-        with atomic_write(path) as f:
-            json.dump(predictions, f)
+        write_json_atomic(predictions, path, indent=None)  # strict JSON, normal file mode
         logger.info(f"Saved {len(predictions)} captions to {path}")
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
