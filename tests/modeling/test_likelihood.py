@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_projection
 
 from up2.modeling.likelihood import Likelihood
 
@@ -32,8 +33,19 @@ def test_temperature_is_clamped_and_learnable():
         lik.log_inv_tau.fill_(50.0)
     assert lik.temperature.item() == pytest.approx(0.01, rel=1e-5)
     lik = Likelihood(init_temperature=0.07)
-    lik(F.normalize(torch.randn(4, 8), dim=-1), torch.randn(3, 8)).sum().backward()
-    assert lik.log_inv_tau.grad is not None
+    g = torch.Generator().manual_seed(0)
+    logits = lik(F.normalize(torch.randn(4, 8, generator=g), dim=-1), torch.randn(3, 8, generator=g))
+    objective = random_projection(logits)
+    objective.backward()
+    # logits = cos / tau = cos * exp(log_inv_tau): d objective / d log_inv_tau = objective itself
+    assert abs(objective.item()) > 1.0
+    torch.testing.assert_close(lik.log_inv_tau.grad, objective.detach(), rtol=1e-5, atol=1e-6)
+    # clamped (tau at its 0.01 floor): the temperature no longer learns
+    lik.zero_grad()
+    with torch.no_grad():
+        lik.log_inv_tau.fill_(50.0)
+    random_projection(lik(F.normalize(torch.randn(4, 8, generator=g), dim=-1), torch.randn(3, 8, generator=g))).backward()
+    assert lik.log_inv_tau.grad == 0
 
 
 def test_bad_temperature_raises():

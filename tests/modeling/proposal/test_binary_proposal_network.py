@@ -60,6 +60,7 @@ def test_training_and_inference_api():
     sum(losses.values()).backward()
     grads = [p.grad for p in net.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.norm() ** 2 for g in grads).sqrt() > 1e-2  # the losses do train the network
 
     # a batch with no ground truth at all still gives every key
     net.zero_grad()
@@ -117,14 +118,21 @@ def test_lazy_masks_equal_the_computed_masks():
     which gives the same logits for any subset of proposals (and for all of them); with targets
     the flag is ignored (the losses need every mask)."""
     net = _net().eval()
-    feats = _features(n=2)
+    feats = _features(n=2, seed=3)  # (seed 0 puts a selection logit 1.4e-6 from 0: see below)
     with torch.no_grad():
         eager, _ = net(feats)
         lazy, _ = net(feats, lazy_masks=True)
     assert eager.masks is not None and eager.mask_embed is None
     assert lazy.masks is None and lazy.mask_embed.shape == (2, 10, 32) and lazy.mask_features.shape[:2] == (2, 32)
+    # The lazy query selection takes its mask-initialised reference boxes from chunked bmm
+    # products instead of the einsum's logits: other GEMM shapes, other rounding. With no
+    # selection logit within rounding of 0 the boxes (whole pixels) agree, and so does
+    # everything downstream, up to fp32 rounding (the closest logit here is 1.5e-4 from 0).
+    with torch.no_grad():
+        interm = net.decoder(net.pixel_decoder(feats)).interm
+    assert interm.masks.abs().min() > 1e-5
     for name in ("sem", "boxes", "objectness"):
-        assert torch.equal(getattr(lazy, name), getattr(eager, name)), name
+        torch.testing.assert_close(getattr(lazy, name), getattr(eager, name), rtol=1e-5, atol=1e-6, msg=name)
     index = torch.tensor([[3, 0, 9], [9, 9, 1]])
     for out in (eager, lazy):
         picked = out.masks_of(index)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_grad_norm, random_projection
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
@@ -46,7 +47,7 @@ def test_output_shapes():
     assert out.memory.shape == (2, 6 + 24 + 96, 32)
     assert out.padding_mask is None
     assert [tuple(f.shape) for f in out.multi_scale_features] == [(2, 32, 2, 3), (2, 32, 4, 6), (2, 32, 8, 12)]
-    # the unflattened features are the memory
+    # the unflattened features are the memory (a reshape of it: same values bit for bit)
     assert torch.equal(out.multi_scale_features[1].flatten(2).transpose(1, 2), out.memory[:, 6:30])
 
 
@@ -72,12 +73,18 @@ def test_gradients_reach_every_parameter():
             layer.self_attn.sampling_offsets.weight.normal_(0, 0.01)
             layer.self_attn.attention_weights.weight.normal_(0, 0.01)
     out = dec(_features())
-    loss = out.mask_features.square().mean() + out.memory.square().mean()
-    loss = loss + sum(f.mean() for f in out.multi_scale_features)
-    loss.backward()
-    no_grad = [n for n, p in dec.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
-               or p.grad.abs().sum() == 0]
-    assert not no_grad, no_grad
+    # memory (and multi_scale_features, its reshape) is post-LayerNorm: its mean or mean square
+    # has an exactly-zero gradient; fixed random projections of the outputs do not
+    (random_projection(out.mask_features, seed=1) + random_projection(out.memory, seed=2)).backward()
+    # A per-channel bias in front of GroupNorm(32, 32) (one channel per group) is removed by the
+    # normalisation: its true gradient is exactly zero (only rounding noise, ~1e-5, arrives).
+    redundant = {f"input_proj.{i}.bias" for i in range(len(dec.input_proj))}
+    assert all(m.norm.num_groups == m.norm.num_channels for m in dec.input_proj)
+    for name, p in dec.named_parameters():
+        if name in redundant:
+            assert p.grad.norm() < 1e-3, name
+        else:  # norms 5 (level_embed) .. 2000 here
+            assert_grad_norm(p.grad, 0.5, name)
 
 
 def test_padding_mask():
@@ -163,12 +170,14 @@ def test_position_encoding_2d_equals_encoding_every_pixel():
         yx = torch.stack(((y - 0.5) / y[:, -1:].clamp(min=1), (x - 0.5) / x[:, :, -1:].clamp(min=1)), dim=-1)
         expected = sine_encode(yx, 16).permute(0, 3, 1, 2)  # every pixel encoded
         got = position_encoding_2d(mask, 32)
-        assert torch.equal(got, expected)
+        # sin/cos of the same angles, evaluated on tensors of other shapes: the vectorised
+        # kernel and its scalar tail may differ by an ulp (|values| <= 1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
         assert got.flatten(2).transpose(1, 2).is_contiguous()
     rows, cols = (torch.arange(5) + 0.5) / 5, (torch.arange(7) + 0.5) / 7
     yx = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
-    assert torch.equal(position_encoding_2d(None, 32, shape=(2, 5, 7)),
-                       sine_encode(yx, 16).permute(2, 0, 1).expand(2, -1, -1, -1))
+    torch.testing.assert_close(position_encoding_2d(None, 32, shape=(2, 5, 7)),
+                               sine_encode(yx, 16).permute(2, 0, 1).expand(2, -1, -1, -1), rtol=0, atol=1e-6)
 
 
 def test_box_sine_encoding_formula():
@@ -202,8 +211,8 @@ def test_inference_ffn_in_chunks_equals_whole(chunk):
     for context in (torch.no_grad, torch.inference_mode):
         with context():
             pieces = dec(feats, pad)
-        torch.testing.assert_close(pieces.memory, whole.memory.detach(), rtol=0, atol=1e-5)
-        torch.testing.assert_close(pieces.mask_features, whole.mask_features.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pieces.memory, whole.memory.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pieces.mask_features, whole.mask_features.detach(), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = dec(feats, pad)
         for layer in dec.layers:
@@ -226,7 +235,7 @@ def test_inference_encoder_layer_leaves_its_inputs_alone():
         out = layer(src, pos, refs, shapes, None, None)
     assert torch.equal(src, src0) and torch.equal(pos, pos0)
     assert out.data_ptr() not in (src.data_ptr(), pos.data_ptr())
-    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -245,8 +254,13 @@ def test_pointwise_conv_of_channels_last_input_returns_nchw(bias):
     out = _pointwise_conv_nchw(conv, x.contiguous(memory_format=torch.channels_last))
     assert out.is_contiguous() and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    out.sum().backward()  # differentiable like the conv
-    assert conv.weight.grad is not None
+    # differentiable like the conv: the same gradients for a fixed random projection
+    params = [conv.weight] + ([conv.bias] if bias else [])
+    expected = torch.autograd.grad(random_projection(ref), params)
+    random_projection(out).backward()
+    for p, want in zip(params, expected):
+        assert_grad_norm(p.grad, 1.0, "conv")
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_pointwise_conv_nchw(conv, x), ref)  # NCHW input: the conv
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = _pointwise_conv_nchw(conv, x.contiguous(memory_format=torch.channels_last))
@@ -254,7 +268,8 @@ def test_pointwise_conv_of_channels_last_input_returns_nchw(bias):
     torch.testing.assert_close(low.float(), ref, rtol=0.02, atol=0.05)
     relu = Conv2d(6, 5, kernel_size=1, activation=torch.relu)
     cl = x.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(_pointwise_conv_nchw(relu, cl), relu(cl))  # activation: the conv itself
+    # activation: the conv itself is called (the same computation repeated, so bit for bit)
+    assert torch.equal(_pointwise_conv_nchw(relu, cl), relu(cl))
 
 
 def test_channels_last_decoder_gives_nchw_mask_features_equal_to_nchw_decoder():
@@ -287,5 +302,5 @@ def test_inference_mask_branch_equals_autograd_path(mask_size, channels_last):
         out = dec(feats)
     assert all(torch.equal(feats[k], feats0[k]) for k in feats)  # backbone features only read
     assert out.mask_features.shape == (2, 32, *mask_size)
-    torch.testing.assert_close(out.mask_features, ref.mask_features.detach(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.memory, ref.memory.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.mask_features, ref.mask_features.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.memory, ref.memory.detach(), rtol=1e-5, atol=1e-5)
