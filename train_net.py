@@ -15,6 +15,7 @@ from detectron2.utils.logger import setup_logger
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
 from up2.engine import UP2Trainer
+from up2.modeling.tasks import resolve_task_data
 from up2.utils import write_json_atomic
 
 
@@ -23,6 +24,9 @@ def setup(args):
     add_up2_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # class names and dataset vocabularies, resolved once (from the checkpoint first when
+    # evaluating it): the dumped OUTPUT_DIR/config.yaml then predicts without the datasets
+    cfg = resolve_task_data(cfg, use_checkpoint=args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers; up2's own (task evaluation tables) too

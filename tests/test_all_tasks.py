@@ -29,7 +29,7 @@ def joint(shapes_datasets, tmp_path_factory):
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    return cfg, trainer
+    return trainer.cfg, trainer  # the trainer's config carries the resolved class names / vocabularies
 
 
 def test_joint_training_samples_several_tasks(joint):

@@ -10,6 +10,7 @@ from conftest import tiny_cfg
 from up2.data import register_coco_instances_checked
 from up2.data.mappers import DetectionDatasetMapper
 from up2.engine import UP2Trainer
+from up2.modeling.tasks import resolve_task_data
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,7 @@ def coco128_cfg(coco128, tmp_path_factory):
                    **{"OUTPUT_DIR": str(tmp_path_factory.mktemp("coco128")), "INPUT.MIN_SIZE_TRAIN": (96,),
                       "INPUT.MAX_SIZE_TRAIN": 128, "INPUT.MIN_SIZE_TEST": 96, "INPUT.MAX_SIZE_TEST": 128,
                       "MODEL.PROPOSAL.TEST_TOPK": 20})
+    cfg = resolve_task_data(cfg)
     cfg.freeze()
     return cfg
 

@@ -25,7 +25,7 @@ def trained(shapes_datasets, tmp_path_factory):
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
-    return cfg, trainer, out
+    return trainer.cfg, trainer, out  # the trainer's config carries the resolved class names
 
 
 def test_training_writes_a_checkpoint_and_logs_losses(trained):
@@ -105,15 +105,17 @@ def test_demo_names_a_missing_or_corrupt_file(trained, tmp_path):
 
 
 def test_task_config_errors_name_the_field(shapes_datasets):
-    from up2.modeling.tasks.base import task_specs_from_config
+    from up2.modeling.tasks.base import check_datasets_registered, resolve_task_data, task_specs_from_config
 
     cfg = tiny_cfg()
     cfg.TASKS.TASK.TYPE = "segmentation-ish"
     with pytest.raises(ValueError, match="TASKS.TASK.TYPE"):
         task_specs_from_config(cfg)
     cfg = tiny_cfg(train="no_such_dataset")
-    with pytest.raises(ValueError, match="no_such_dataset"):
-        task_specs_from_config(cfg)
+    for check in (lambda: check_datasets_registered(task_specs_from_config(cfg)), lambda: resolve_task_data(cfg),
+                  lambda: UP2Trainer(cfg)):
+        with pytest.raises(ValueError, match=r"TASKS\.TASK: dataset 'no_such_dataset' is not registered.*UP2_DATASETS"):
+            check()
     cfg = tiny_cfg()
     cfg.TASKS.TASK.SAMPLING_RATIO = 0.0
     with pytest.raises(ValueError, match="SAMPLING_RATIO"):

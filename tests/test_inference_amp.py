@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 from conftest import add_task, tiny_cfg
+from up2.modeling.tasks import resolve_task_data
 from up2.predictor import GeneralistPredictor
 
 
@@ -22,6 +23,7 @@ def predictors(shapes_datasets, tmp_path_factory):
     add_task(cfg, "RET", "retrieval", "test_shapes_caption_train", "test_shapes_caption_val")
     add_task(cfg, "CAP", "captioning", "test_shapes_caption_train", "test_shapes_caption_val",
              VOCABULARY="dataset", MAX_CAPTION_LENGTH=4)
+    cfg = resolve_task_data(cfg)
     torch.manual_seed(0)
     weights = tmp_path_factory.mktemp("amp") / "model.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
@@ -104,7 +106,7 @@ def test_training_ignores_inference_amp(predictors):
 
 
 def test_bad_dtype_is_a_clear_error(shapes_datasets):
-    cfg = tiny_cfg()
+    cfg = resolve_task_data(tiny_cfg())
     cfg.TEST.AMP.ENABLED = True
     cfg.TEST.AMP.DTYPE = "int8"
     with pytest.raises(ValueError, match=r"TEST\.AMP\.DTYPE.*'int8'"):

@@ -36,6 +36,9 @@ def cfg(shapes_datasets, tmp_path_factory):
     add_task(cfg, "RET", "retrieval", "test_shapes_caption_train", "test_shapes_caption_val")
     from detectron2.modeling import build_model
 
+    from up2.modeling.tasks import resolve_task_data
+
+    cfg = resolve_task_data(cfg)
     torch.manual_seed(0)
     weights = tmp_path_factory.mktemp("predictor_batch") / "model.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)

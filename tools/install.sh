@@ -14,12 +14,12 @@ fi
 # (this machine's pip config names local wheel folders that may be absent: drop those warnings)
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install --upgrade "pip>=24" wheel "setuptools<81"
-# PyTorch: the versions that lie on this machine's disk (DESIGN §10).
+# PyTorch: the versions that lie on this machine's disk (see the README's Install section).
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
 # detectron2's own dependencies (installed before it so an existing build finds them too).
 pip install "fvcore>=0.1.5" "iopath>=0.1.9" pycocotools "omegaconf>=2.1,<2.4" "hydra-core>=1.1" yacs termcolor tabulate cloudpickle matplotlib "setuptools<81"
 # detectron2: prefer one that is already importable (e.g. an official build with compiled ops);
-# otherwise take the pure-Python code of the sal-detectron2 wheel (DESIGN §10).
+# otherwise take the pure-Python code of the sal-detectron2 wheel.
 if ! "$VENV/bin/python" -c "import detectron2.config, detectron2.modeling" 2>/dev/null; then
   purelib="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   pip install --no-deps --only-binary=:all: --python-version 3.10 --implementation cp \

@@ -81,12 +81,18 @@ def add_up2_config(cfg: CN) -> None:
     G.MOE.TOP_K = 2  # experts per token, chosen from its attributes only (not stated in the paper; ours)
     G.MOE.BALANCE_LOSS_WEIGHT = 0.0  # Switch load-balancing loss weight; 0 disables (few attribute groups per batch)
 
-    # ---- Tasks (DESIGN §5). One sub-node per task, e.g. TASKS.DETECTION ----------------
+    # ---- Tasks (paper §4.4, Eq. 7). One sub-node per task, e.g. TASKS.DETECTION ----------------
     # keys of a task: TYPE ("detection" | "instance_segmentation" | "classification" | "retrieval" |
     # "captioning" | "masked_lm"), DATASETS: {TRAIN, TEST}, IMS_PER_BATCH, SAMPLING_RATIO (s_k),
     # LOSS_WEIGHT (w_k), GRAD_WEIGHT (omega_k); captioning / masked_lm: VOCABULARY ("full" | "dataset"),
-    # captioning: BEAM_SIZE, MAX_CAPTION_LENGTH; retrieval: GATHER_FEATURES.
+    # captioning: BEAM_SIZE, MAX_CAPTION_LENGTH; retrieval: GATHER_FEATURES. Filled in when training
+    # is set up (up2.modeling.tasks.resolve_task_data), so inference needs no dataset: CLASS_NAMES
+    # (detection / segmentation / classification), VOCABULARY_IDS (VOCABULARY "dataset").
+    # Any other key is an error (up2.modeling.tasks.base.TASK_KEYS).
     cfg.TASKS = CN(new_allowed=True)
+    # The task that model(batched_inputs) runs without task= (DefaultPredictor, detectron2's
+    # evaluators). "" = the only task, else the only localization task; otherwise the model asks.
+    cfg.MODEL.DEFAULT_TASK = ""
 
     # ---- Large-scale jitter (MaskDINO), off by default ---------------------------------
     cfg.INPUT.LSJ = CN()

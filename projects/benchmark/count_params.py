@@ -46,6 +46,7 @@ def main(argv=None):
 
     import up2  # noqa: F401
     from up2 import add_up2_config
+    from up2.modeling.tasks import resolve_task_data
 
     rows = []
     with tempfile.TemporaryDirectory() as roberta:
@@ -56,6 +57,7 @@ def main(argv=None):
             cfg.merge_from_file(path)
             cfg.MODEL.TEXT_ENCODER.NAME = roberta
             cfg.MODEL.DEVICE = "cpu"
+            cfg = resolve_task_data(cfg)  # class names from the datasets' metadata (no files are read)
             torch.manual_seed(0)
             model = build_model(cfg)
             parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}

@@ -128,6 +128,7 @@ def build_up2(config: str, roberta: str, device: str, caption_vocab: str):
 
     import up2  # noqa: F401
     from up2 import add_up2_config
+    from up2.modeling.tasks import resolve_task_data
 
     if caption_vocab == "dataset" and "speed_caption_texts" not in DatasetCatalog.list():
         texts = [f"a photo of a {n}" for n in class_names_1000()]
@@ -146,6 +147,7 @@ def build_up2(config: str, roberta: str, device: str, caption_vocab: str):
                       "MAX_CAPTION_LENGTH": 20},
         "SPEED_RET": {"TYPE": "retrieval", "DATASETS": coco},
     })
+    cfg = resolve_task_data(cfg)  # COCO's class names from detectron2's metadata; the caption vocabulary
     cfg.freeze()
     torch.manual_seed(0)
     return build_model(cfg).eval(), cfg

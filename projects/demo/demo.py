@@ -17,14 +17,13 @@ from typing import List
 from PIL import Image
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import up2  # noqa: F401  (registers the model and datasets)
 from up2 import add_up2_config
 from up2.data.image_io import read_image
-from up2.modeling.tasks.base import task_specs_from_config
 from up2.utils import atomic_write
 
 
@@ -54,8 +53,16 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
     """
     os.makedirs(output, exist_ok=True)
     predictor = DefaultPredictor(cfg)
-    spec = next(iter(task_specs_from_config(cfg).values()))
-    metadata = MetadataCatalog.get(spec.datasets_train[0])
+    model = predictor.model
+    if model.default_task is None:
+        raise ValueError(f"{cfg.MODEL.WEIGHTS or 'the model'}: several tasks {sorted(model.tasks)} and no "
+                         "MODEL.DEFAULT_TASK; add --opts MODEL.DEFAULT_TASK <a detection task>")
+    spec = model.tasks[model.default_task].spec
+    if spec.type not in ("detection", "instance_segmentation"):
+        raise ValueError(f"demo.py draws detections, but the default task {spec.name} is {spec.type!r}; "
+                         "set MODEL.DEFAULT_TASK to a detection or instance-segmentation task")
+    # class names travel with the config / checkpoint: no dataset needs to be registered
+    metadata = Metadata(name=f"up2:{spec.name}").set(thing_classes=list(spec.class_names))
     summaries = []
     for path in inputs:
         bgr = read_image(path, format="BGR")

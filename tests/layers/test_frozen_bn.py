@@ -134,7 +134,9 @@ def test_only_detectron2_convs_with_frozen_bn_are_folded():
 
 
 def test_up2_model_folds_a_frozen_bn_backbone_and_predicts_the_same(shapes_datasets):
-    cfg = tiny_cfg(task_type="instance_segmentation", **{"MODEL.RESNETS.NORM": "FrozenBN"})
+    from up2.modeling.tasks import resolve_task_data
+
+    cfg = resolve_task_data(tiny_cfg(task_type="instance_segmentation", **{"MODEL.RESNETS.NORM": "FrozenBN"}))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     folded = [m for m in model.backbone.modules() if type(m) is FrozenBNConv2d]

@@ -9,6 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from conftest import add_task, tiny_cfg
+from up2.modeling.tasks import resolve_task_data
 from up2.modeling.token_attributes import TaskFamily
 
 CL = torch.channels_last
@@ -20,7 +21,7 @@ def _cfg(channels_last: bool):
     add_task(cfg, "DET", "detection", "test_shapes_train", "test_shapes_val")
     add_task(cfg, "CLS", "classification", "test_shapes_cls_train", "test_shapes_cls_val")
     cfg.MODEL.CHANNELS_LAST = channels_last
-    return cfg
+    return resolve_task_data(cfg)
 
 
 def _build(channels_last: bool, seed: int):

@@ -12,7 +12,9 @@ import speed  # noqa: E402
 
 
 def test_flop_count_traces_detection_forward(shapes_datasets):
-    cfg = tiny_cfg()
+    from up2.modeling.tasks import resolve_task_data
+
+    cfg = resolve_task_data(tiny_cfg())
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     x = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

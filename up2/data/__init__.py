@@ -1,4 +1,4 @@
-"""Data side of up2: image reading, dataset registration, mappers (DESIGN §2)."""
+"""Data side of up2: image reading, dataset registration, mappers."""
 from .datasets import register_coco_instances_checked, register_shapes
 from .image_io import read_image, to_rgb_array
 from .mappers import DetectionDatasetMapper

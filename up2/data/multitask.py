@@ -1,4 +1,4 @@
-"""Task sampling for multi-task training (paper §4.4, Eq. 7; DESIGN §6).
+"""Task sampling for multi-task training (paper §4.4, Eq. 7).
 
 Shape shorthand: K tasks, named by strings in a fixed order; s_k the normalised sampling
 ratio of task k (sum_k s_k = 1). No tensors here: batches are whatever the task loaders

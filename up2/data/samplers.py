@@ -1,4 +1,4 @@
-"""An index sampler that can resume mid-stream, for exact training resume (DESIGN §6)."""
+"""An index sampler that can resume mid-stream, for exact training resume."""
 from __future__ import annotations
 
 import itertools

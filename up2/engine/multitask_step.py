@@ -1,4 +1,4 @@
-"""One training iteration of the multi-task mix (paper §4.4; DESIGN §3, §6).
+"""One training iteration of the multi-task mix (paper §4.4, Fig. 2).
 
 Unmixed sampling (paper default): the sampler draws ONE task k for the iteration (the same on
 every rank), its loader gives the batch, the loss is that task's loss, and TBGN steps with
@@ -131,7 +131,7 @@ class MultiTaskStep(SimpleTrainer):
     def _write_annotation_counts(name: str, batch, storage) -> None:
         """Log ``<task>/gt_instances_min`` / ``_max``: ground-truth instances in one rank's batch
         (int), min / max over ranks. A min of 0 with a max > 0 marks an iteration where a rank
-        trained on images without annotations while others had some (DESIGN §6: such a rank
+        trained on images without annotations while others had some (such a rank
         must give the same loss keys). Called on every rank (one small gather)."""
         n = sum(len(x["instances"]) for x in batch if isinstance(x, dict) and "instances" in x)
         counts = comm.gather(n)

@@ -1,8 +1,12 @@
-"""UP2Trainer: detectron2's DefaultTrainer for the multi-task mix (paper §4.4; DESIGN §6).
+"""UP2Trainer: detectron2's DefaultTrainer for the multi-task mix (paper §4.4).
 
 Each task of ``cfg.TASKS`` gets its own infinite detectron2 loader (its own mapper and batch
 size); a task sampler picks the task of every iteration; TBGN (or AdamW) steps; evaluation runs
 every task on its test datasets with its own evaluator and prints one table per task.
+
+Class names and dataset vocabularies are resolved from the training datasets once, when the
+trainer is built (``resolve_task_data``), and every checkpoint carries them under
+``up2_task_data``, so a trained model predicts without its training data.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
@@ -32,18 +37,28 @@ from up2.data.mappers import (
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
 from up2.data.samplers import ResumableTrainingSampler
 from up2.engine.hooks import ProgressBar
+from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
 from up2.evaluation import CaptioningEvaluator, ClassificationEvaluator, MaskedLMEvaluator, RetrievalEvaluator
-from up2.modeling.tasks.base import TaskSpec, task_specs_from_config
+from up2.modeling.tasks.base import (
+    LOCALIZATION_TYPES,
+    TASK_DATA_KEY,
+    TaskSpec,
+    check_datasets_registered,
+    default_task_name,
+    resolve_task_data,
+    task_data_of,
+    task_specs_from_config,
+)
 from up2.solver.tbgn import TBGN
 
 __all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
 
-_LOCALIZATION = ("detection", "instance_segmentation")
+_LOCALIZATION = LOCALIZATION_TYPES
 
 
 def build_mapper(cfg, spec: TaskSpec, is_train: bool):
-    """The dataset mapper of a task type (DESIGN §2: one mapper per input kind)."""
+    """The dataset mapper of a task type (one mapper per input kind)."""
     if spec.type in _LOCALIZATION:
         return DetectionDatasetMapper(cfg, is_train=is_train, use_instance_mask=spec.type == "instance_segmentation")
     if spec.type == "classification":
@@ -98,7 +113,7 @@ def _fused_adamw_ok(cfg, model: torch.nn.Module) -> bool:
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW or TBGN (paper §4.4) with the MaskDINO recipe (DESIGN §11): backbone and text
+    """AdamW or TBGN (paper §4.4) with the MaskDINO recipe: backbone and text
     encoder at reduced lr, no weight decay on norms, and gradient clipping from
     ``cfg.SOLVER.CLIP_GRADIENTS`` (CLIP_TYPE "full_model" clips the norm over all parameters
     together; "value"/"norm" as detectron2). TBGN normalises the gradient itself, so clipping is
@@ -138,6 +153,14 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"cfg.SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW', 'TBGN' or 'SGD'")
 
 
+def _default_spec(cfg) -> TaskSpec:
+    specs = task_specs_from_config(cfg)
+    name = default_task_name(cfg, specs)
+    if name is None:
+        raise ValueError(f"which task? cfg.TASKS has {sorted(specs)} and no MODEL.DEFAULT_TASK: pass spec=")
+    return specs[name]
+
+
 class TaskView(nn.Module):
     """``model`` seen as a single-task detectron2 model: ``forward(inputs) = model(inputs, task=name)``."""
 
@@ -150,13 +173,38 @@ class TaskView(nn.Module):
         return self.model(batched_inputs, task=self.task)
 
 
+class TaskDataRecord:
+    """The task data (class names, dataset vocabularies) as a checkpointable of detectron2's
+    checkpointer: saved in every checkpoint under ``up2_task_data``; on resume, a checkpoint
+    whose task data differs from the config's is reported (the config's is used)."""
+
+    def __init__(self, specs):
+        self.specs = dict(specs)
+
+    def state_dict(self) -> dict:
+        return task_data_of(self.specs)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.state_dict():
+            logging.getLogger(__name__).warning(
+                "the checkpoint's task data (class names / vocabulary ids) differs from this config's; "
+                "training goes on with the config's")
+
+
 class UP2Trainer(DefaultTrainer):
-    """Trains every task of ``cfg.TASKS`` jointly (unmixed sampling by default)."""
+    """Trains every task of ``cfg.TASKS`` jointly (unmixed sampling by default).
+
+    Raises:
+        ValueError: a task's dataset is not registered (the message says where up2 looked), or
+            one of the errors of ``task_specs_from_config``.
+    """
 
     def __init__(self, cfg):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
+        check_datasets_registered(task_specs_from_config(cfg))
+        cfg = resolve_task_data(cfg)  # a no-op when train_net.py's setup() did it already
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.specs = task_specs_from_config(cfg)
         model = self.build_model(cfg)
@@ -169,11 +217,22 @@ class UP2Trainer(DefaultTrainer):
         amp = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MultiTaskStep(model, loader, optimizer, self.specs, amp_dtype=amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
+                                                  **{TASK_DATA_KEY: TaskDataRecord(self.specs)})
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_writers(self):
+        """detectron2's default writers, with ``metrics.json`` written as strict JSON (NaN -> null)."""
+        writers = super().build_writers()
+        for i, w in enumerate(writers):
+            if type(w) is JSONWriter:
+                path, window = w._file_handle.name, w._window_size
+                w.close()
+                writers[i] = StrictJSONWriter(path, window)
+        return writers
 
     def build_hooks(self):
         hooks = super().build_hooks()
@@ -213,6 +272,7 @@ class UP2Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg) -> MultiTaskLoader:
         """One infinite detectron2 loader per task, and the task sampler (DATALOADER.TASK_SAMPLING)."""
         specs = task_specs_from_config(cfg)
+        check_datasets_registered(specs, test=False)
         loaders, samplers = {}, {}
         for name, spec in specs.items():
             localization = spec.type in _LOCALIZATION
@@ -245,7 +305,9 @@ class UP2Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name, spec: TaskSpec = None):
-        spec = spec or next(iter(task_specs_from_config(cfg).values()))
+        """detectron2's test loader of ``dataset_name`` with the mapper and batch size of the task
+        ``spec`` (default: the model's default task, ``default_task_name``)."""
+        spec = spec or _default_spec(cfg)
         batch = 1 if spec.type in _LOCALIZATION else 8
         return build_detection_test_loader(
             dataset=get_detection_dataset_dicts([dataset_name], filter_empty=False),
@@ -256,7 +318,8 @@ class UP2Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, spec: TaskSpec = None):
-        spec = spec or next(iter(task_specs_from_config(cfg).values()))
+        """The evaluator of the task ``spec`` (default: the model's default task) on ``dataset_name``."""
+        spec = spec or _default_spec(cfg)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", spec.name, dataset_name)
         if spec.type in _LOCALIZATION:
             kinds = ("bbox", "segm") if spec.type == "instance_segmentation" else ("bbox",)
@@ -281,6 +344,7 @@ class UP2Trainer(DefaultTrainer):
         there are several tasks, else detectron2's {dataset: results} (or the results dict
         itself for a single dataset)."""
         specs = task_specs_from_config(cfg)
+        check_datasets_registered(specs, train=False)
         logger = logging.getLogger("up2")
         everything = OrderedDict()
         for name, spec in specs.items():

@@ -1,4 +1,4 @@
-"""Detectron2 ``DatasetEvaluator``s of the non-localization tasks (DESIGN §4).
+"""Detectron2 ``DatasetEvaluator``s of the non-localization tasks (paper §5.1).
 
 Detection and instance segmentation use detectron2's ``COCOEvaluator``. Each evaluator here
 gathers its records to rank 0 with ``detectron2.utils.comm.gather`` and returns detectron2-style

@@ -1,4 +1,4 @@
-"""Masked-token accuracy of masked language modelling (paper §5.1 training tasks; DESIGN §4).
+"""Masked-token accuracy of masked language modelling (paper §5.1 training tasks).
 
 Shape shorthand:
     T  tokens of one text (its padded length)

@@ -1,5 +1,5 @@
 """Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021, Eq. 3), the hot op of
-the proposal network (paper §4.1 / App. A; DESIGN §7).
+the proposal network (paper §4.1 / App. A).
 
 Shape shorthand (see ``up2.structures``):
     N   images                  Lq  queries

@@ -18,7 +18,7 @@ class Likelihood(nn.Module):
     """``logits = cos(x, y) / tau`` with a learnable tau > 0 (Eq. 6), and the loss of Eq. 7.
 
     tau is stored as ``log(1 / tau)`` and clamped to tau >= ``min_temperature`` so logits stay bounded.
-    Logits are computed in float32 even under autocast (DESIGN §7).
+    Logits are computed in float32 even under autocast.
     """
 
     @configurable

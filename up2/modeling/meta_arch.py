@@ -1,4 +1,4 @@
-"""UniPerceiverV2: one model, one set of weights, every task (paper §4; DESIGN §3).
+"""UniPerceiverV2: one model, one set of weights, every task (paper §4, Fig. 2).
 
 Shape shorthand: N images, Hp x Wp padded input, Q proposals, R regional tokens, T image
 tokens, C classes, d unified-decoder width.
@@ -21,7 +21,13 @@ from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
 from up2.modeling.target_set import TargetCache, encode_texts
-from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, task_specs_from_config
+from up2.modeling.tasks.base import (
+    TASK_REGISTRY,
+    TaskSpec,
+    default_task_name,
+    implicit_default_task,
+    task_specs_for_model,
+)
 from up2.modeling.text_encoder import TextEncoder
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.unified_decoder import UnifiedDecoder
@@ -89,8 +95,9 @@ class UniPerceiverV2(nn.Module):
 
     ``forward(batched_inputs)`` follows detectron2: in training it returns a dict of losses,
     in eval a list with one result dict per image. The task is a value: pass ``task=`` (a
-    name of ``cfg.TASKS``); without it the first configured task runs, so detectron2's
-    ``DefaultPredictor`` and evaluators work unchanged.
+    name of ``cfg.TASKS``); without it the default task runs (``cfg.MODEL.DEFAULT_TASK``, else
+    the only task, else the only localization task), so detectron2's ``DefaultPredictor`` and
+    evaluators work unchanged.
 
     Tasks (``up2.modeling.tasks``) are called as ``task(model, batched_inputs, **kwargs)`` and use
     only this small interface: ``encode_image``, ``embed_targets``, ``text_encoder``,
@@ -115,6 +122,7 @@ class UniPerceiverV2(nn.Module):
         test_topk: int = 100,
         inference_amp: Optional[torch.dtype] = None,
         channels_last: bool = True,
+        default_task: Optional[str] = None,
     ):
         """
         Args:
@@ -123,6 +131,11 @@ class UniPerceiverV2(nn.Module):
             channels_last: cfg.MODEL.CHANNELS_LAST: the conv weights of the backbone and the
                 proposal network and the padded image batch are stored channels-last (NHWC),
                 so every feature map stays NHWC; values are unchanged up to float rounding.
+            default_task: the task of ``forward`` without ``task=``; None = the only task, else
+                the only localization task (none when ambiguous: ``forward`` then asks for one).
+
+        Raises:
+            ValueError: no task, or a ``default_task`` that is not one of ``tasks``.
 
         The backbone's conv + FrozenBN pairs run as one folded convolution when no gradient is
         recorded (``up2.layers.frozen_bn``); parameters and checkpoints are unchanged.
@@ -137,7 +150,9 @@ class UniPerceiverV2(nn.Module):
         self.unified_decoder = unified_decoder
         self.likelihood = likelihood
         self.tasks = {name: TASK_REGISTRY.get(spec.type)(spec, test_topk=test_topk) for name, spec in tasks.items()}
-        self.default_task = next(iter(self.tasks))
+        if default_task is not None and default_task not in self.tasks:
+            raise ValueError(f"default_task={default_task!r} is not one of the tasks {sorted(self.tasks)}")
+        self.default_task = default_task if default_task is not None else implicit_default_task(dict(tasks))
         self.global_feature = global_feature
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -153,6 +168,7 @@ class UniPerceiverV2(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        tasks = task_specs_for_model(cfg)  # class names / vocabularies: config, else checkpoint (never datasets)
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         return {
@@ -162,7 +178,8 @@ class UniPerceiverV2(nn.Module):
             "text_encoder": TextEncoder(cfg),
             "unified_decoder": UnifiedDecoder(cfg),
             "likelihood": Likelihood(cfg),
-            "tasks": task_specs_from_config(cfg),
+            "tasks": tasks,
+            "default_task": default_task_name(cfg, tasks),
             "global_feature": cfg.MODEL.IMAGE_ENCODER.GLOBAL_FEATURE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -203,7 +220,7 @@ class UniPerceiverV2(nn.Module):
         return itertools.chain(self.text_encoder.parameters(), self.unified_decoder.parameters())
 
     def embed_targets(self, texts: Sequence[str], family: TaskFamily) -> torch.Tensor:
-        """(C, d) target embeddings g(f_text(y)) at [SPE]; cached at evaluation (DESIGN §7).
+        """(C, d) target embeddings g(f_text(y)) at [SPE]; cached at evaluation (they do not depend on the input).
 
         Raises:
             ValueError: an empty list of texts.
@@ -261,7 +278,7 @@ class UniPerceiverV2(nn.Module):
 
         Args:
             batched_inputs: detectron2 mapper dicts of that task (see each task's docstring).
-            task: a name of cfg.TASKS; default: the first one.
+            task: a name of cfg.TASKS; default: ``self.default_task``.
             task_kwargs: passed to the task at inference, e.g. ``class_names=[...]`` (open
                 vocabulary) for detection.
 
@@ -272,8 +289,13 @@ class UniPerceiverV2(nn.Module):
 
         Raises:
             KeyError: an unknown task name.
+            ValueError: no ``task`` given and no default task (several tasks, not exactly one
+                of them a localization task, and no ``MODEL.DEFAULT_TASK``).
         """
         name = task or self.default_task
+        if name is None:
+            raise ValueError(f"which task? this model has {sorted(self.tasks)} and no default: pass task=<name> "
+                             "or set cfg.MODEL.DEFAULT_TASK")
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
         with self.inference_autocast():

@@ -2,7 +2,7 @@
 
 Shape shorthand: C candidate texts, T text tokens, d width.
 
-Target embeddings do not depend on the input, so (DESIGN §7) training computes them once per
+Target embeddings do not depend on the input, so training computes them once per
 batch and evaluation reuses them through :class:`TargetCache`, which is invalidated whenever a
 weight they depend on changes (tracked by the parameters' in-place version counters, which
 optimizer steps and ``load_state_dict`` both bump).

@@ -21,7 +21,8 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
-__all__ = ["TextEncoder", "SpecialTokenIds", "resolve_text_model_path", "load_text_model"]
+__all__ = ["TextEncoder", "SpecialTokenIds", "special_token_ids", "resolve_text_model_path", "load_text_model",
+           "load_tokenizer"]
 
 # Tokenizers without a length limit report this sentinel (transformers' VERY_LARGE_INTEGER ~ 1e30).
 _NO_LIMIT = 10**6
@@ -46,6 +47,23 @@ class SpecialTokenIds:
     sep: int
     pad: int
     mask: Optional[int]
+
+
+def special_token_ids(tokenizer: Any) -> SpecialTokenIds:
+    """The :class:`SpecialTokenIds` of a Hugging Face tokenizer (cls or bos, sep or eos, pad, mask).
+
+    Raises:
+        ValueError: the tokenizer lacks a cls/bos, sep/eos or pad token.
+    """
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if cls_id is None or sep_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"TextEncoder: tokenizer {type(tokenizer).__name__} lacks a cls/bos, sep/eos or pad token "
+            f"(cls={cls_id}, sep={sep_id}, pad={tokenizer.pad_token_id})"
+        )
+    return SpecialTokenIds(cls=int(cls_id), sep=int(sep_id), pad=int(tokenizer.pad_token_id),
+                           mask=tokenizer.mask_token_id)
 
 
 def resolve_text_model_path(name: str) -> str:
@@ -126,6 +144,23 @@ def load_text_model(name: str) -> Tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def load_tokenizer(name: str) -> Any:
+    """Load only the ``AutoTokenizer`` of ``name`` (see ``resolve_text_model_path``) from local
+    files; used to resolve a dataset vocabulary without loading the model's weights.
+
+    Raises:
+        FileNotFoundError: nothing loadable under that name / path.
+    """
+    from transformers import AutoTokenizer
+
+    source = resolve_text_model_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as e:
+        looked = [source] if os.path.isdir(source) else []
+        raise FileNotFoundError(_missing_model_message(name, looked) + f" [{type(e).__name__}: {e}]") from e
+
+
 class TextEncoder(nn.Module):
     """f_text (paper §4.2): tokenizer + pretrained language model + ``Linear(H, d)``.
 
@@ -159,16 +194,7 @@ class TextEncoder(nn.Module):
         if self.freeze:
             self.model.requires_grad_(False)
             self.model.eval()
-        cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
-        sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
-        if cls_id is None or sep_id is None or tokenizer.pad_token_id is None:
-            raise ValueError(
-                f"TextEncoder: tokenizer {type(tokenizer).__name__} lacks a cls/bos, sep/eos or pad token "
-                f"(cls={cls_id}, sep={sep_id}, pad={tokenizer.pad_token_id})"
-            )
-        self._special = SpecialTokenIds(
-            cls=int(cls_id), sep=int(sep_id), pad=int(tokenizer.pad_token_id), mask=tokenizer.mask_token_id
-        )
+        self._special = special_token_ids(tokenizer)
 
     @classmethod
     def from_config(cls, cfg, embed_dim: Optional[int] = None) -> Dict[str, Any]:

@@ -66,7 +66,7 @@ class TokenAttention(Enum):
 
 
 class TaskFamily(Enum):
-    """The family of task a batch belongs to (DESIGN §4)."""
+    """The family of task a batch belongs to (paper §4.3, Conditional MoE routing)."""
 
     LOCALIZATION = "localization"  # detection, instance segmentation
     CLASSIFICATION = "classification"

@@ -1,4 +1,4 @@
-"""COCO-format instance datasets, registered with validation (DESIGN §8, issue item 7).
+"""COCO-format instance datasets, registered with validation.
 
 The paper trains and evaluates detection and instance segmentation on COCO (paper §5.1).
 

@@ -1,5 +1,5 @@
 """Dataset mapper for image-text pairs: captioning and image-text retrieval (paper §5.1 COCO Caption,
-COCO / Flickr30k retrieval; DESIGN §3 step 2).
+COCO / Flickr30k retrieval).
 
 Shape shorthand: H0, W0 original image size; H, W size after augmentation; n_i captions of image i.
 

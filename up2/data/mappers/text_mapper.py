@@ -1,4 +1,4 @@
-"""Dataset mapper for text-only data: masked language modelling (paper §5.1; DESIGN §3 step 2).
+"""Dataset mapper for text-only data: masked language modelling (paper §5.1).
 
 Input: one corpus record (``up2.data.datasets.text_corpus``): ``text`` and optionally ``doc_id``.
 Output dict:

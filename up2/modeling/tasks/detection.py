@@ -1,5 +1,5 @@
 """Object detection and instance segmentation in the unified formulation (paper §4.3,
-"Tasks with Localization"; DESIGN §4).
+"Tasks with Localization").
 
 Shape shorthand: N images, Q proposals, R regional tokens, C classes, d width, K ground-truth
 instances of one image, Hm x Wm mask logits (stride 4), Hp x Wp the padded input size.

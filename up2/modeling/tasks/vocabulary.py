@@ -4,43 +4,42 @@ Shape shorthand: V vocabulary entries, B sequences, T tokens, d width.
 
 Each vocabulary token v is a target y = [SPE] ++ f_tok(v) through g, read at [SPE], where f_tok
 is the text encoder's context-free embedding layer (``TextEncoder.embed_tokens``). A task may use
-the whole tokenizer vocabulary or only the tokens of its training texts (small runs).
+the whole tokenizer vocabulary or only the tokens of its training texts (small runs); the latter
+is resolved once when training is set up (``TaskSpec.vocabulary_ids``) and travels with the
+config and the checkpoint, so inference never reads the training texts.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Tuple
 
 import torch
-from detectron2.data import DatasetCatalog
 
+from up2.modeling.text_encoder import special_token_ids
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.unified_decoder import SPE_POSITION
 from up2.structures import TokenBatch
 
-__all__ = ["VocabularyTargets", "dataset_texts"]
+__all__ = ["VocabularyTargets", "vocabulary_ids_of_texts"]
 
 IGNORE = -100
 
 
-def dataset_texts(dataset_names: Iterable[str]) -> list:
-    """All texts of detectron2 datasets: each record's "captions" (list) or "text" (str).
+def vocabulary_ids_of_texts(tokenizer: Any, texts: Iterable[str], chunk: int = 512) -> Tuple[int, ...]:
+    """Ascending ids of every token that occurs in ``texts`` (no truncation) plus the special
+    tokens the tasks use (cls/bos, sep/eos, pad, mask).
 
-    Raises:
-        ValueError: a dataset without any text.
+    Args:
+        tokenizer: a Hugging Face tokenizer (the text encoder's).
+        texts: the training texts.
     """
-    texts = []
-    for name in dataset_names:
-        found = 0
-        for r in DatasetCatalog.get(name):
-            if "captions" in r:
-                texts.extend(r["captions"])
-                found += len(r["captions"])
-            elif "text" in r:
-                texts.append(r["text"])
-                found += 1
-        if not found:
-            raise ValueError(f"dataset {name!r} has no 'captions' or 'text' to build a vocabulary from")
-    return texts
+    texts = list(texts)
+    ids = set()
+    for start in range(0, len(texts), chunk):
+        for seq in tokenizer(texts[start : start + chunk], add_special_tokens=True)["input_ids"]:
+            ids.update(seq)
+    sp = special_token_ids(tokenizer)
+    ids.update(i for i in (sp.cls, sp.sep, sp.pad, sp.mask) if i is not None)
+    return tuple(sorted(int(i) for i in ids))
 
 
 class VocabularyTargets:
@@ -54,26 +53,26 @@ class VocabularyTargets:
     def __init__(self, token_ids: Optional[torch.Tensor] = None):
         self.token_ids = token_ids
         self._lookup: Optional[torch.Tensor] = None
+        # exact identity of the set for the evaluation cache: the ids themselves (read once, on CPU)
+        self._key = None if token_ids is None else ("ids", token_ids.detach().cpu().to(torch.int64).numpy().tobytes())
 
     @classmethod
-    def for_task(cls, spec, text_encoder) -> "VocabularyTargets":
-        """The target set a task's config asks for: ``spec.vocabulary`` "full" or "dataset"
-        (the tokens of ``spec.datasets_train``)."""
-        if spec.vocabulary == "dataset":
-            return cls.from_texts(text_encoder, dataset_texts(spec.datasets_train))
-        return cls()
+    def for_task(cls, spec, text_encoder=None) -> "VocabularyTargets":
+        """The target set a task's config asks for: ``spec.vocabulary`` "full", or "dataset" (the
+        resolved ``spec.vocabulary_ids``).
 
-    @classmethod
-    def from_texts(cls, tokenizer_encoder, texts: Iterable[str]) -> "VocabularyTargets":
-        """The tokens that occur in ``texts`` plus every special token (cls, sep, pad, mask)."""
-        texts = list(texts)
-        ids = set()
-        for start in range(0, len(texts), 512):
-            enc = tokenizer_encoder.tokenize(texts[start : start + 512])
-            ids.update(enc["input_ids"][enc["attention_mask"].bool()].tolist())
-        sp = tokenizer_encoder.special_ids
-        ids.update(i for i in (sp.cls, sp.sep, sp.pad, sp.mask) if i is not None)
-        return cls(torch.tensor(sorted(ids), dtype=torch.long))
+        Raises:
+            ValueError: "dataset" without resolved ids, or ids beyond the tokenizer's vocabulary.
+        """
+        if spec.vocabulary != "dataset":
+            return cls()
+        if not spec.vocabulary_ids:
+            raise ValueError(f"task {spec.name}: VOCABULARY 'dataset' but no VOCABULARY_IDS; they are resolved from "
+                             "the training texts by up2.modeling.tasks.resolve_task_data(cfg) when training is set up")
+        if text_encoder is not None and max(spec.vocabulary_ids) >= text_encoder.vocab_size:
+            raise ValueError(f"task {spec.name}: VOCABULARY_IDS has id {max(spec.vocabulary_ids)}, beyond the text "
+                             f"encoder's vocabulary of {text_encoder.vocab_size} tokens (another tokenizer?)")
+        return cls(torch.tensor(spec.vocabulary_ids, dtype=torch.long))
 
     def resolve(self, text_encoder) -> torch.Tensor:
         """(V,) ids of the target set on the text encoder's device."""
@@ -115,5 +114,7 @@ class VocabularyTargets:
 
         if model.training:
             return compute()
-        key = ("vocabulary", family.value, len(ids), int(ids.sum()), int(ids[-1]))
+        device = ids.device.type
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        key = ("vocabulary", family.value, str(precision), self._key or ("full", len(ids)))
         return model.target_cache.get(key, model.text_parameters(), compute)
