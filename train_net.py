@@ -8,7 +8,7 @@ import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -17,6 +17,7 @@ from up2 import add_up2_config
 from up2.engine import UP2Trainer
 from up2.modeling.tasks import resolve_task_data
 from up2.utils import write_json_atomic
+from up2.utils.distributed import launch  # detectron2 launch + barrier and destroy_process_group in every worker
 
 
 def setup(args):

@@ -139,8 +139,12 @@ def _worker(row: str, args: argparse.Namespace, result_file: str) -> None:
 
 
 def run_row(row: str, args: argparse.Namespace) -> dict:
-    """Launch the 2 processes of ``row`` and return what its rank 0 wrote."""
-    from detectron2.engine import launch
+    """Launch the 2 processes of ``row`` and return what its rank 0 wrote.
+
+    up2's ``launch`` (detectron2's, plus a teardown in every worker): when ``_worker`` returned,
+    its trainer (and DDP wrapper) is released, the ranks meet at a barrier and the process group
+    is destroyed, so no rank aborts at exit after its results were written."""
+    from up2.utils.distributed import launch
 
     result_file = os.path.join(args.output, row, "row_results.json")
     if os.path.exists(result_file):

@@ -1,17 +1,20 @@
 """Mixed sampling under DDP (2 gloo processes): MultiTaskStep runs one forward + backward per
 task (all but the last under ``no_sync``), and the synchronised step equals a single-process
 step on the rank-averaged, s_k-weighted sum of the task losses -- also for parameters that only
-an earlier (unsynchronised) task uses."""
-import os
+an earlier (unsynchronised) task uses.
+
+The workers run through ``distributed_utils.run_gloo_workers`` (file:// store, timeout, and a
+barrier + destroy_process_group after the worker returned and its DDP wrapper was released)."""
 
 import torch
-import torch.distributed as dist
 from detectron2.utils.events import EventStorage
 from torch import nn
 
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader
 from up2.engine.multitask_step import MultiTaskStep
 from up2.modeling.tasks.base import TaskSpec
+
+from distributed_utils import run_gloo_workers, save_result
 
 RATIOS = {"A": 1.0, "B": 3.0}  # s_A = 0.25, s_B = 0.75
 
@@ -46,9 +49,9 @@ def _specs():
                         sampling_ratio=r) for n, r in RATIOS.items()}
 
 
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank, out_path):
+    """One rank: one mixed step; rank 0 saves the updated weights. Its locals (the DDP wrapper)
+    are released when it returns, before run_gloo_workers destroys the group."""
     model = nn.parallel.DistributedDataParallel(Toy(), find_unused_parameters=True)
     sampler = MixedTaskSampler(list(RATIOS), list(RATIOS.values()))
     loader = MultiTaskLoader({n: _forever(rank, n) for n in RATIOS}, sampler)
@@ -57,12 +60,14 @@ def _worker(rank, port, out_path):
     with EventStorage(0):
         step.run_step()
     if rank == 0:
-        torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, out_path)
-    dist.destroy_process_group()
+        save_result({k: v.detach().clone() for k, v in model.module.state_dict().items()}, out_path)
+    del step, model  # the DDP wrapper (and its reducer) goes before the process group
 
 
-def test_mixed_step_under_ddp_equals_single_process(run_two_gloo_processes):
-    ddp = run_two_gloo_processes(_worker)
+def test_mixed_step_under_ddp_equals_single_process(tmp_path):
+    out = tmp_path / "rank0.pt"
+    run_gloo_workers(_worker, tmp_path, args=(str(out),))
+    ddp = torch.load(out)
 
     ref = Toy()
     total = sum(RATIOS[n] / sum(RATIOS.values()) * ref(_data(r, n), n)["loss"] for r in (0, 1) for n in RATIOS) / 2

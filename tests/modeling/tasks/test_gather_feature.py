@@ -1,12 +1,12 @@
 """Gather Feature (paper §4.4): with 2 gloo processes the retrieval loss and the DDP-averaged
 gradients equal a single-process run on the concatenated batch."""
-import os
-
 import torch
 import torch.distributed as dist
 
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.tasks.retrieval import retrieval_loss
+
+from distributed_utils import run_gloo_workers, save_result
 
 N, D_IN, D = 4, 6, 5
 
@@ -19,9 +19,8 @@ def _setup():
     return proj, lik, x_img, x_txt
 
 
-def _worker(rank, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank, out_path):
+    """One rank (run_gloo_workers sets up and tears down the group): rank 0 saves loss and grads."""
     proj, lik, x_img, x_txt = _setup()
     part = slice(rank * N, (rank + 1) * N)
     loss = retrieval_loss(proj(x_img[part]), proj(x_txt[part]), lik, gather=True)
@@ -33,12 +32,13 @@ def _worker(rank, port, out_path):
     losses = [torch.zeros(()) for _ in range(2)]
     dist.all_gather(losses, loss.detach())
     if rank == 0:
-        torch.save({"loss": sum(losses) / 2, "grads": grads}, out_path)
-    dist.destroy_process_group()
+        save_result({"loss": sum(losses) / 2, "grads": grads}, out_path)
 
 
-def test_gathered_loss_and_gradients_equal_single_process(run_two_gloo_processes):
-    ddp = run_two_gloo_processes(_worker)
+def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
+    out = tmp_path / "rank0.pt"
+    run_gloo_workers(_worker, tmp_path, args=(str(out),))
+    ddp = torch.load(out)
 
     proj, lik, x_img, x_txt = _setup()
     loss = retrieval_loss(proj(x_img), proj(x_txt), lik, gather=False)
