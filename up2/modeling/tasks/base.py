@@ -344,6 +344,10 @@ def _dataset_class_names(dataset: str) -> Tuple[str, ...]:
     names = getattr(MetadataCatalog.get(dataset), "thing_classes", None)
     if not names:
         raise ValueError(f"dataset {dataset!r} has no thing_classes in its metadata")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ValueError(f"dataset {dataset!r}: thing_classes repeat {repeated}; two classes would share one "
+                         "target: rename them in the dataset's categories")
     return tuple(names)
 
 
