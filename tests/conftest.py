@@ -15,18 +15,25 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
 
 
-@pytest.fixture(autouse=True)
-def _seed_every_test():
-    """Base layer of reproducibility: torch, numpy and ``random`` start from seed 0 in every test
-    (tests whose numbers matter still seed explicitly, next to the draws)."""
+def seed_everything(seed: int = 0) -> None:
+    """Seed torch, numpy's and Python's global generators (model init, augmentations, samplers
+    that draw from them). Module- and session-scoped fixtures run before the per-test seeding
+    below, so those that draw random numbers call this themselves."""
     import random
 
     import numpy as np
     import torch
 
-    random.seed(0)
-    np.random.seed(0)
-    torch.manual_seed(0)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test():
+    """Base layer of reproducibility: torch, numpy and ``random`` start from seed 0 in every test
+    (tests whose numbers matter still seed explicitly, next to the draws)."""
+    seed_everything(0)
 
 
 def random_projection(out, seed: int = 0):
@@ -50,6 +57,35 @@ def assert_grad_norm(grad, at_least: float, name: str = "grad"):
     assert torch.isfinite(grad).all(), f"{name}: non-finite gradient"
     norm = grad.float().norm().item()
     assert norm >= at_least, f"{name}: gradient norm {norm:.3g} < {at_least}"
+
+
+def assert_coco_results(results: dict, dataset_name: str) -> None:
+    """One iou type's COCOEvaluator results (percentages) on ``dataset_name``: the six summary
+    keys and, with several classes, one ``AP-<class>`` per class; AP, AP50, AP75 finite in
+    [0, 100] (the dataset has non-crowd ground truth, and a model without any detection would
+    give NaN there); APs / APm / APl in [0, 100] or NaN (NaN: no ground truth of that size);
+    ``AP-<class>`` NaN exactly for the classes without non-crowd ground truth."""
+    import math
+
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    classes = list(MetadataCatalog.get(dataset_name).thing_classes)
+    present = {a["category_id"] for r in DatasetCatalog.get(dataset_name) for a in r.get("annotations", [])
+               if not a.get("iscrowd", 0)}
+    assert present, f"{dataset_name} has no non-crowd ground truth"
+    summary = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(results) == summary | ({f"AP-{c}" for c in classes} if len(classes) > 1 else set())
+    for key, value in results.items():
+        assert isinstance(value, float), (key, value)
+        in_range = 0.0 <= value <= 100.0
+        if key in ("AP", "AP50", "AP75"):
+            assert in_range, (key, value)
+        elif key in summary:
+            assert in_range or math.isnan(value), (key, value)
+        elif classes.index(key[3:]) in present:
+            assert in_range, (key, value)
+        else:
+            assert math.isnan(value), (key, value)
 
 
 def pytest_collection_modifyitems(config, items):

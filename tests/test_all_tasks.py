@@ -1,12 +1,11 @@
 """Every task through the same UniPerceiverV2 weights on a tiny shapes set: a joint training run
 through UP2Trainer (unmixed sampling + TBGN), each task's evaluator, and the open-vocabulary and
 decoding behaviour of the predictor-facing calls."""
-import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog
 
-from conftest import add_task, tiny_cfg
+from conftest import add_task, seed_everything, tiny_cfg
 from up2.engine import UP2Trainer
 from up2.engine.trainer import build_mapper
 
@@ -26,6 +25,7 @@ def joint_cfg(out_dir):
 @pytest.fixture(scope="module")
 def joint(shapes_datasets, tmp_path_factory):
     cfg = joint_cfg(tmp_path_factory.mktemp("joint"))
+    seed_everything(0)  # model init and augmentations (a module fixture: before the per-test seeding)
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -48,9 +48,10 @@ def test_every_task_evaluates(joint):
     cls = results["CLS"]["test_shapes_cls_val"]["classification"]
     assert 0 <= cls["top1"] <= 100
     ret = results["RET"]["test_shapes_caption_val"]["retrieval"]
-    assert {"i2t_R@1", "t2i_R@1"} <= set(ret)
+    assert {"i2t_R@1", "t2i_R@1"} <= set(ret) and all(0 <= ret[k] <= 100 for k in ("i2t_R@1", "t2i_R@1"))
     cap = results["CAP"]["test_shapes_caption_val"]["captioning"]
-    assert np.isfinite(cap["BLEU-4"]) and np.isfinite(cap["CIDEr"])
+    # percentages (x100): BLEU in [0, 100], CIDEr-D in [0, 1000] (at most 10 per caption); NaN fails
+    assert 0 <= cap["BLEU-4"] <= 100 and 0 <= cap["CIDEr"] <= 1000
     assert 0 <= results["MLM"]["test_shapes_text_val"]["mlm"]["accuracy"] <= 100
 
 

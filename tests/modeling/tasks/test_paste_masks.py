@@ -111,7 +111,10 @@ def test_same_size_skips_the_identity_resize(path):
     logits = _logits(K, seed=2)
     got = _paste(path, logits, SIZE, PADDED, SIZE, chunk=3)
     up = F.interpolate(logits[None], size=PADDED, mode="bilinear", align_corners=False)[0, :, : SIZE[0], : SIZE[1]]
-    assert torch.equal(got, up > 0)
+    if path == "pytorch":  # the same F.interpolate, in chunks: bit for bit
+        assert torch.equal(got, up > 0)
+    else:  # the kernel's own arithmetic: only pixels within rounding of 0 may differ
+        assert not bool(((got != (up > 0)) & (up.abs() >= 1e-5)).any())
 
 
 def test_detection_task_uses_the_kernel_when_built(kernel, monkeypatch):
