@@ -9,7 +9,7 @@ import up2  # noqa: F401
 from conftest import REPO_ROOT
 from up2 import add_up2_config
 from up2.data.multitask import UnmixedTaskSampler
-from up2.modeling.tasks.base import task_specs_from_config
+from up2.modeling.tasks.base import check_datasets_registered, resolve_task_data, task_specs_from_config
 
 R50_TASKS = {"DETECTION": "detection", "CLASSIFICATION": "classification", "RETRIEVAL": "retrieval",
              "CAPTIONING": "captioning"}
@@ -33,7 +33,10 @@ def test_paper_config_task_mix(name, tasks, backbone):
     assert cfg.MODEL.BACKBONE.NAME == backbone
     assert cfg.DATALOADER.TASK_SAMPLING == "unmixed" and cfg.SOLVER.OPTIMIZER == "TBGN"  # Tab. 4 last row
     assert cfg.MODEL.UNIFIED_DECODER.MOE.ENABLED  # §5.2
-    specs = task_specs_from_config(cfg)  # raises on unknown types, ratios <= 0, unregistered datasets
+    specs = task_specs_from_config(cfg)  # raises on unknown keys or types, ratios <= 0
+    check_datasets_registered(specs)
+    # class names come from the registered datasets' metadata (no file is read)
+    specs = task_specs_from_config(resolve_task_data(cfg))
     assert {n: s.type for n, s in specs.items()} == tasks
     for spec in specs.values():
         assert spec.ims_per_batch >= 1 and spec.datasets_test
