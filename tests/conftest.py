@@ -99,27 +99,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def run_two_gloo_processes(tmp_path):
-    """``run(worker) -> object``: spawns 2 processes running ``worker(rank, port, out_path)`` (a
-    module-level function that joins a gloo group on 127.0.0.1:port and has rank 0 ``torch.save``
-    its result to out_path) and returns what rank 0 saved."""
-    import socket
-
-    import torch
-    import torch.multiprocessing as mp
-
-    def run(worker):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = tmp_path / "rank0.pt"
-        mp.spawn(worker, args=(port, str(out)), nprocs=2, join=True)
-        return torch.load(out)
-
-    return run
-
-
 @pytest.fixture(scope="session")
 def coco128() -> Path:
     """Path of the real-photo COCO subset; skips the test when it is absent."""

@@ -1,7 +1,7 @@
 """Distributed training through the real entry point: ``train_net.py --num-gpus 2`` on the CPU
 (detectron2's ``launch`` picks gloo without CUDA) runs a few joint iterations of every task
 on a tiny shapes set, with one iteration where rank 1's detection image has no annotation
-while rank 0's has some (DESIGN §6: that rank must give the same loss keys, nothing hangs).
+while rank 0's has some (that rank must give the same loss keys, nothing hangs).
 Rank 1 is the empty one on purpose: detectron2 averages the logged losses over the keys of
 rank 0, so a key missing on the empty rank fails the run instead of passing unnoticed.
 
