@@ -15,7 +15,7 @@ from detectron2.utils.logger import setup_logger
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
 from up2.engine import UP2Trainer
-from up2.modeling.tasks import resolve_task_data
+from up2.modeling.tasks import check_datasets_registered, default_task_name, resolve_task_data, task_specs_from_config
 from up2.utils import write_json_atomic
 from up2.utils.distributed import launch  # detectron2 launch + barrier and destroy_process_group in every worker
 
@@ -28,6 +28,10 @@ def setup(args):
     # class names and dataset vocabularies, resolved once (from the checkpoint first when
     # evaluating it): the dumped OUTPUT_DIR/config.yaml then predicts without the datasets
     cfg = resolve_task_data(cfg, use_checkpoint=args.eval_only)
+    # what would fail later is checked before default_setup writes OUTPUT_DIR/config.yaml
+    specs = task_specs_from_config(cfg)
+    default_task_name(cfg, specs)  # MODEL.DEFAULT_TASK names a task
+    check_datasets_registered(specs, train=not args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers; up2's own (task evaluation tables) too

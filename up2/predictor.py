@@ -38,6 +38,7 @@ from PIL import Image
 
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
+from up2.modeling.tasks.base import check_class_names
 from up2.modeling.tasks.retrieval import RetrievalTask
 from up2.modeling.unified_decoder import SPE_POSITION
 
@@ -186,11 +187,12 @@ class GeneralistPredictor:
         image (a list for a list of images).
 
         Raises:
-            ValueError: empty ``class_names`` or list of images, ``batch_size`` < 1.
+            ValueError: empty ``class_names`` (or a single string, an empty or repeated name) or
+                list of images, ``batch_size`` < 1.
         """
         if class_names is None or len(class_names) == 0:
             raise ValueError("classify needs a non-empty list of class_names")
-        names = list(class_names)
+        names = list(check_class_names(class_names, "classify: class_names"))
         name = self._task("classification")
         return self._map(images, batch_size, lambda xs: [
             {"scores": o["pred_class_scores"], "label": names[o["pred_class"]]}

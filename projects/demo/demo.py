@@ -42,6 +42,27 @@ def save_png(array, path: str) -> None:
         Image.fromarray(array).save(f, format="PNG")
 
 
+def drawing_paths(inputs: List[str], output: str) -> List[str]:
+    """``<output>/<input name>.png`` for every input.
+
+    Raises:
+        ValueError: a drawing would overwrite one of the inputs, or two inputs share a name
+            (e.g. ``a/x.png`` and ``b/x.jpg``); nothing has been written then.
+    """
+    paths = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + ".png") for p in inputs]
+    real_inputs = {os.path.realpath(p): p for p in inputs}
+    seen = {}
+    for src, dst in zip(inputs, paths):
+        if os.path.realpath(dst) in real_inputs:
+            raise ValueError(f"the drawing of {src} would overwrite the input {real_inputs[os.path.realpath(dst)]}: "
+                             "choose another --output folder")
+        if dst in seen:
+            raise ValueError(f"inputs {seen[dst]} and {src} would both be drawn to {dst}: run them with different "
+                             "--output folders")
+        seen[dst] = src
+    return paths
+
+
 def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dict]:
     """Predict on ``inputs`` and write drawings to ``output``.
 
@@ -49,8 +70,10 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
     [{"class", "score", "box" (XYXY pixels)}]}.
 
     Raises:
-        FileNotFoundError / ValueError: a missing or unreadable image (names the file).
+        FileNotFoundError / ValueError: a missing or unreadable image (names the file), or an
+            output that would overwrite an input or another drawing (:func:`drawing_paths`).
     """
+    out_paths = drawing_paths(inputs, output)
     os.makedirs(output, exist_ok=True)
     predictor = DefaultPredictor(cfg)
     model = predictor.model
@@ -64,13 +87,12 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
     # class names travel with the config / checkpoint: no dataset needs to be registered
     metadata = Metadata(name=f"up2:{spec.name}").set(thing_classes=list(spec.class_names))
     summaries = []
-    for path in inputs:
+    for path, out_path in zip(inputs, out_paths):
         bgr = read_image(path, format="BGR")
         inst = predictor(bgr)["instances"].to("cpu")
         inst = inst[inst.scores >= threshold]
         vis = Visualizer(bgr[:, :, ::-1], metadata=metadata, instance_mode=ColorMode.IMAGE)
         drawing = vis.draw_instance_predictions(inst).get_image()
-        out_path = os.path.join(output, os.path.splitext(os.path.basename(path))[0] + ".png")
         save_png(drawing, out_path)
         dets = [
             {"class": metadata.thing_classes[int(c)], "score": round(float(s), 4), "box": [round(float(v), 1) for v in b]}

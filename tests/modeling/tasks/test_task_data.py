@@ -128,3 +128,67 @@ def test_vocabulary_cache_keys_on_the_exact_ids(shapes_datasets):
         b_fresh = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING)
     torch.testing.assert_close(b, b_fresh)
     assert (a[:2] - b[:2]).abs().max() > 1e-3  # other tokens, other embeddings
+
+
+def test_class_names_at_call_time_are_checked_like_the_config(shapes_datasets):
+    from detectron2.modeling import build_model
+
+    from up2.modeling.tasks import resolve_task_data
+    from up2.modeling.tasks.base import check_class_names
+
+    assert check_class_names(["cup", "spoon"]) == ("cup", "spoon")
+    for bad, match in (("cup", r"did you mean \['cup'\]"), (["a", "a"], "unique.*'a'"), ([""], "non-empty"),
+                       (["cup", 3], "non-empty strings")):
+        with pytest.raises(ValueError, match=match):
+            check_class_names(bad)
+    torch.manual_seed(0)
+    model = build_model(resolve_task_data(tiny_cfg("classification", "test_shapes_cls_train",
+                                                   "test_shapes_cls_val"))).eval()
+    image = [{"image": torch.zeros(3, 64, 64, dtype=torch.uint8)}]
+    with torch.no_grad(), pytest.raises(ValueError, match="did you mean"):
+        model(image, class_names="cup")  # used to classify among the letters 'c', 'u', 'p'
+    with torch.no_grad():
+        assert model(image, class_names=["cup", "spoon"])[0]["pred_class_scores"].shape == (2,)
+
+
+def test_checkpoint_task_data_is_read_from_any_torch_file_and_bad_files_are_named(tmp_path):
+    from up2.modeling.tasks.base import TASK_DATA_KEY, read_checkpoint_task_data
+
+    data = {"version": 1, "tasks": {"DET": {"type": "detection", "class_names": ["a"], "vocabulary_ids": []}}}
+    renamed = tmp_path / "weights.pt"
+    torch.save({"model": {}, TASK_DATA_KEY: data}, renamed)
+    assert read_checkpoint_task_data(str(renamed)) == data
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS='.*notes.pth' is not a readable torch checkpoint"):
+        read_checkpoint_task_data(str(text))
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        read_checkpoint_task_data(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        read_checkpoint_task_data(str(tmp_path / "missing.pth"))
+    old = tmp_path / "old.pth"
+    torch.save({TASK_DATA_KEY: {**data, "version": 99}}, old)
+    with pytest.raises(ValueError, match="version 99"):
+        read_checkpoint_task_data(str(old))
+    assert read_checkpoint_task_data("") is None
+
+
+def test_train_net_checks_the_default_task_before_writing_config_yaml(shapes_datasets, tmp_path):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("train_net_under_test", REPO_ROOT / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    cfg = tiny_cfg("detection")
+    config = tmp_path / "source.yaml"
+    config.write_text(cfg.dump())
+    (tmp_path / "out").mkdir()
+    kept = tmp_path / "out" / "config.yaml"
+    kept.write_text("# the training run's config\n")
+    args = train_net.default_argument_parser().parse_args(
+        ["--config-file", str(config), "--eval-only", "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.DEFAULT_TASK", "TSAK"])
+    with pytest.raises(ValueError, match="DEFAULT_TASK='TSAK'"):
+        train_net.setup(args)
+    assert kept.read_text() == "# the training run's config\n"

@@ -22,7 +22,7 @@ from fvcore.common.registry import Registry
 __all__ = [
     "TASK_REGISTRY", "TaskSpec", "register_task", "task_specs_from_config", "task_specs_for_model",
     "resolve_task_data", "task_data_of", "read_checkpoint_task_data", "check_datasets_registered",
-    "default_task_name", "implicit_default_task", "TASK_KEYS", "TASK_DATA_KEY", "LOCALIZATION_TYPES",
+    "default_task_name", "implicit_default_task", "check_class_names", "TASK_KEYS", "TASK_DATA_KEY", "LOCALIZATION_TYPES",
 ]
 
 TASK_REGISTRY = Registry("UP2_TASK")
@@ -127,9 +127,19 @@ def _check_keys(where: str, node) -> None:
             raise ValueError(f"{where}.DATASETS: unknown key(s) {bad}; expected {list(_DATASET_KEYS)}")
 
 
-def _names(where: str, value) -> Tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{where} must be a list of non-empty strings, got {value!r}")
+def check_class_names(value, where: str = "class_names") -> Tuple[str, ...]:
+    """``value`` as a tuple of class names, checked: a list or tuple of distinct, non-empty strings
+    (an empty one is allowed here; callers that need names reject it).
+
+    Raises:
+        ValueError: a single string (it would be split into letters), a non-string or empty
+            name, or a repeated name (two classes would share one target); names ``where``.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list of class names, got {type(value).__name__} {value!r}"
+                         + (f" (did you mean [{value!r}]?)" if isinstance(value, str) else ""))
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{where} must be a list of non-empty strings, got {list(value)!r}")
     names = tuple(value)
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -188,7 +198,7 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
             sampling_ratio=values["SAMPLING_RATIO"],
             loss_weight=values["LOSS_WEIGHT"],
             grad_weight=values["GRAD_WEIGHT"],
-            class_names=_names(f"{where}.CLASS_NAMES", node.get("CLASS_NAMES", [])),
+            class_names=check_class_names(node.get("CLASS_NAMES", []), f"{where}.CLASS_NAMES"),
             vocabulary=vocabulary,
             vocabulary_ids=_ids(f"{where}.VOCABULARY_IDS", node.get("VOCABULARY_IDS", [])),
             beam_size=int(node.get("BEAM_SIZE", 1)),
@@ -239,31 +249,39 @@ def task_data_of(specs: Dict[str, TaskSpec]) -> dict:
 
 
 def read_checkpoint_task_data(path: str) -> Optional[dict]:
-    """The task data stored in an up2 checkpoint (``.pth``), or None when ``path`` is empty, not
-    a ``.pth`` file, or a checkpoint without it (e.g. a converted backbone).
+    """The task data stored in an up2 checkpoint, or None when ``path`` is empty, a ``.pkl``
+    (detectron2 model-zoo format), or a checkpoint without it (e.g. a converted backbone).
 
     Read with ``torch.load(weights_only=True, mmap=True)``: nothing is unpickled beyond
     tensors and plain containers, and the weights are not read into memory.
 
     Raises:
-        FileNotFoundError: ``path`` is set but does not exist.
-        ValueError: the stored task data has another format version.
+        FileNotFoundError / IsADirectoryError: ``path`` is set but is not a file.
+        ValueError: not a torch checkpoint, or the stored task data has another format version.
     """
     if not path:
         return None
     from detectron2.utils.file_io import PathManager
 
     local = PathManager.get_local_path(path)
+    if os.path.isdir(local):
+        raise IsADirectoryError(f"MODEL.WEIGHTS={path!r} is a folder; expected a checkpoint file (e.g. model_final.pth)")
     if not os.path.isfile(local):
         raise FileNotFoundError(f"MODEL.WEIGHTS={path!r}: no such file")
-    if not local.endswith(".pth"):
+    if local.endswith(".pkl"):  # detectron2 model-zoo pickles (converted backbones) carry no task data
         return None
+    import pickle
+
     import torch
 
     try:
-        ckpt = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # an old (non-zip) serialization cannot be memory-mapped
-        ckpt = torch.load(local, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # an old (non-zip) serialization cannot be memory-mapped
+            ckpt = torch.load(local, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ValueError(f"MODEL.WEIGHTS={path!r} is not a readable torch checkpoint (read with weights_only=True): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     data = ckpt.get(TASK_DATA_KEY) if isinstance(ckpt, dict) else None
     if data is None:
         return None
@@ -436,9 +454,10 @@ def task_specs_for_model(cfg) -> Dict[str, TaskSpec]:
         if spec.resolved:
             continue
         key = "CLASS_NAMES" if spec.needs_class_names and not spec.class_names else "VOCABULARY_IDS"
+        weights = (f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is not an up2 checkpoint that carries it"
+                   if cfg.MODEL.WEIGHTS else "MODEL.WEIGHTS is empty")
         raise ValueError(
-            f"cfg.TASKS.{name} ({spec.type}) has no {key}, and MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} is not an up2 "
-            f"checkpoint that carries it. Use the config.yaml that training wrote next to its checkpoints, point "
+            f"cfg.TASKS.{name} ({spec.type}) has no {key}, and {weights}. Use the config.yaml that training wrote next to its checkpoints, point "
             f"MODEL.WEIGHTS at an up2 checkpoint, set TASKS.{name}.{key} yourself, or resolve it from the "
             f"registered training datasets with up2.modeling.tasks.resolve_task_data(cfg) (what training does)."
         )

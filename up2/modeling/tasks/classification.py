@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.modeling.tasks.base import TaskSpec, check_class_names, register_task
 from up2.modeling.token_attributes import TaskFamily
 from up2.modeling.unified_decoder import SPE_POSITION
 
@@ -34,9 +34,9 @@ class ClassificationTask:
         (inference only; replaces the training classes: open vocabulary).
 
         Raises:
-            ValueError: empty ``class_names``; KeyError: a training input without "class_id".
+            ValueError: empty ``class_names``, a single string, an empty or repeated name; KeyError: a training input without "class_id".
         """
-        names = self.spec.class_names if class_names is None else tuple(class_names)
+        names = self.spec.class_names if class_names is None else check_class_names(class_names)
         if len(names) == 0:
             raise ValueError("class_names is empty: give at least one class name")
         enc = model.encode_image(batched_inputs, self.family)

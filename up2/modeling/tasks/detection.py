@@ -19,7 +19,7 @@ from torchvision.ops import box_convert
 
 from up2.layers.paste_masks import paste_masks
 from up2.modeling.image_encoder import gather_proposals
-from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.modeling.tasks.base import TaskSpec, check_class_names, register_task
 from up2.modeling.token_attributes import TaskFamily
 from up2.structures import ProposalTargets
 
@@ -85,9 +85,9 @@ class DetectionTask:
             training: proposal losses + {"loss_class"}; eval: [{"instances": Instances}].
 
         Raises:
-            ValueError: an empty ``class_names``.
+            ValueError: an empty ``class_names``, a single string, an empty or repeated name.
         """
-        names = self.spec.class_names if class_names is None else tuple(class_names)
+        names = self.spec.class_names if class_names is None else check_class_names(class_names)
         if len(names) == 0:
             raise ValueError("class_names is empty: give at least one class name")
         enc = model.encode_image(
