@@ -107,7 +107,7 @@ def test_demo_names_a_missing_or_corrupt_file(trained, tmp_path):
 
 
 def test_task_config_errors_name_the_field(shapes_datasets):
-    from up2.modeling.tasks.base import check_datasets_registered, resolve_task_data, task_specs_from_config
+    from up2.modeling.tasks import check_datasets_registered, resolve_task_data, task_specs_from_config
 
     cfg = tiny_cfg()
     cfg.TASKS.TASK.TYPE = "segmentation-ish"

@@ -9,7 +9,7 @@ import up2  # noqa: F401
 from conftest import REPO_ROOT
 from up2 import add_up2_config
 from up2.data.multitask import UnmixedTaskSampler
-from up2.modeling.tasks.base import check_datasets_registered, resolve_task_data, task_specs_from_config
+from up2.modeling.tasks import check_datasets_registered, resolve_task_data, task_specs_from_config
 
 R50_TASKS = {"DETECTION": "detection", "CLASSIFICATION": "classification", "RETRIEVAL": "retrieval",
              "CAPTIONING": "captioning"}

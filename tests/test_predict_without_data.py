@@ -58,7 +58,7 @@ def test_checkpoint_and_dumped_config_carry_the_class_names(trained):
     from detectron2.config import get_cfg
 
     from up2 import add_up2_config
-    from up2.modeling.tasks.base import TASK_DATA_KEY
+    from up2.modeling.tasks.task_data import TASK_DATA_KEY
 
     cfg = get_cfg()
     add_up2_config(cfg)

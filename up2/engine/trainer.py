@@ -40,26 +40,15 @@ from up2.engine.hooks import ProgressBar
 from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
 from up2.evaluation import CaptioningEvaluator, ClassificationEvaluator, MaskedLMEvaluator, RetrievalEvaluator
-from up2.modeling.tasks.base import (
-    LOCALIZATION_TYPES,
-    TASK_DATA_KEY,
-    TaskSpec,
-    check_datasets_registered,
-    default_task_name,
-    resolve_task_data,
-    task_data_of,
-    task_specs_from_config,
-)
+from up2.modeling.tasks.base import LOCALIZATION_TYPES, TaskSpec, default_task_name, task_specs_from_config
+from up2.modeling.tasks.task_data import TASK_DATA_KEY, check_datasets_registered, resolve_task_data, task_data_of
 from up2.solver.tbgn import TBGN
 
 __all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
 
-_LOCALIZATION = LOCALIZATION_TYPES
-
-
 def build_mapper(cfg, spec: TaskSpec, is_train: bool):
     """The dataset mapper of a task type (one mapper per input kind)."""
-    if spec.type in _LOCALIZATION:
+    if spec.type in LOCALIZATION_TYPES:
         return DetectionDatasetMapper(cfg, is_train=is_train, use_instance_mask=spec.type == "instance_segmentation")
     if spec.type == "classification":
         return ClassificationDatasetMapper(cfg, is_train=is_train)
@@ -275,7 +264,7 @@ class UP2Trainer(DefaultTrainer):
         check_datasets_registered(specs, test=False)
         loaders, samplers = {}, {}
         for name, spec in specs.items():
-            localization = spec.type in _LOCALIZATION
+            localization = spec.type in LOCALIZATION_TYPES
             dataset = get_detection_dataset_dicts(
                 list(spec.datasets_train), filter_empty=localization and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             )
@@ -308,7 +297,7 @@ class UP2Trainer(DefaultTrainer):
         """detectron2's test loader of ``dataset_name`` with the mapper and batch size of the task
         ``spec`` (default: the model's default task, ``default_task_name``)."""
         spec = spec or _default_spec(cfg)
-        batch = 1 if spec.type in _LOCALIZATION else 8
+        batch = 1 if spec.type in LOCALIZATION_TYPES else 8
         return build_detection_test_loader(
             dataset=get_detection_dataset_dicts([dataset_name], filter_empty=False),
             mapper=build_mapper(cfg, spec, is_train=False),
@@ -321,7 +310,7 @@ class UP2Trainer(DefaultTrainer):
         """The evaluator of the task ``spec`` (default: the model's default task) on ``dataset_name``."""
         spec = spec or _default_spec(cfg)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", spec.name, dataset_name)
-        if spec.type in _LOCALIZATION:
+        if spec.type in LOCALIZATION_TYPES:
             kinds = ("bbox", "segm") if spec.type == "instance_segmentation" else ("bbox",)
             return COCOEvaluator(dataset_name, tasks=kinds, distributed=True, output_dir=output_folder)
         if spec.type == "classification":

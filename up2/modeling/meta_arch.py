@@ -21,13 +21,8 @@ from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
 from up2.modeling.target_set import TargetCache, encode_texts
-from up2.modeling.tasks.base import (
-    TASK_REGISTRY,
-    TaskSpec,
-    default_task_name,
-    implicit_default_task,
-    task_specs_for_model,
-)
+from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, default_task_name, implicit_default_task
+from up2.modeling.tasks.task_data import task_specs_for_model
 from up2.modeling.text_encoder import TextEncoder
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.unified_decoder import UnifiedDecoder

@@ -152,7 +152,7 @@ def test_class_names_at_call_time_are_checked_like_the_config(shapes_datasets):
 
 
 def test_checkpoint_task_data_is_read_from_any_torch_file_and_bad_files_are_named(tmp_path):
-    from up2.modeling.tasks.base import TASK_DATA_KEY, read_checkpoint_task_data
+    from up2.modeling.tasks.task_data import TASK_DATA_KEY, read_checkpoint_task_data
 
     data = {"version": 1, "tasks": {"DET": {"type": "detection", "class_names": ["a"], "vocabulary_ids": []}}}
     renamed = tmp_path / "weights.pt"
