@@ -74,7 +74,7 @@ def test_beam_one_equals_greedy_and_batch_equals_single(joint):
     with torch.no_grad():  # greedy decoding by hand: one image at a time, argmax token by token
         enc = model.encode_image(inputs, task.family)
         vocab = task.vocabulary(model.text_encoder)
-        targets = vocab.embed(model, task.family)
+        targets = vocab.embed(model, task.family).embeddings
         for i, out in enumerate(beam1):
             img = enc.tokens.batch
             one = type(img)(tokens=img.tokens[i : i + 1], padding_mask=img.padding_mask[i : i + 1],
@@ -83,7 +83,7 @@ def test_beam_one_equals_greedy_and_batch_equals_single(joint):
             for _ in range(cfg.TASKS.CAP.MAX_CAPTION_LENGTH):
                 ids = torch.tensor([seq])
                 h = model.unified_decoder(task._sequence(one, model.text_encoder.embed_tokens(ids),
-                                                         torch.zeros_like(ids, dtype=torch.bool)))[0, -1]
+                                                         torch.zeros_like(ids, dtype=torch.bool))).features[0, -1]
                 nxt = int(vocab.resolve(model.text_encoder)[model.likelihood(h, targets).argmax()])
                 if nxt in (sp.sep, sp.pad):
                     break

@@ -39,8 +39,7 @@ from PIL import Image
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.tasks.base import check_class_names
-from up2.modeling.tasks.retrieval import RetrievalTask
-from up2.modeling.unified_decoder import SPE_POSITION
+from up2.modeling.token_attributes import TaskFamily
 
 __all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]
 
@@ -131,11 +130,12 @@ class GeneralistPredictor:
         return cls(cfg)
 
     # ------------------------------------------------------------------ helpers
-    def _task(self, *types: str) -> str:
-        for name, task in self.model.tasks.items():
-            if task.spec.type in types:
+    def _task(self, what: str, accepts: Callable) -> str:
+        """The first task (in name order) that ``accepts``; KeyError naming ``what`` otherwise."""
+        for name in sorted(self.model.tasks):
+            if accepts(self.model.tasks[name]):
                 return name
-        raise KeyError(f"this model's config has no task of type {types}; configured: "
+        raise KeyError(f"this model's config has no {what} task; configured: "
                        f"{ {n: t.spec.type for n, t in self.model.tasks.items()} }")
 
     def _input(self, image: ImageLike, index: Optional[int] = None) -> dict:
@@ -170,14 +170,14 @@ class GeneralistPredictor:
         Raises:
             ValueError: an empty ``class_names`` or list of images, ``batch_size`` < 1.
         """
-        name = self._task("detection", "instance_segmentation")
+        name = self._task("detection", lambda t: t.localization)
         return self._map(images, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
     @torch.no_grad()
     def segment(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
         """As :meth:`detect`, from an instance-segmentation task (masks included)."""
-        name = self._task("instance_segmentation")
+        name = self._task("instance segmentation", lambda t: t.localization and getattr(t, "with_masks", False))
         return self._map(images, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
@@ -193,7 +193,7 @@ class GeneralistPredictor:
         if class_names is None or len(class_names) == 0:
             raise ValueError("classify needs a non-empty list of class_names")
         names = list(check_class_names(class_names, "classify: class_names"))
-        name = self._task("classification")
+        name = self._task("classification", lambda t: t.family is TaskFamily.CLASSIFICATION)
         return self._map(images, batch_size, lambda xs: [
             {"scores": o["pred_class_scores"], "label": names[o["pred_class"]]}
             for o in self.model(xs, task=name, class_names=names)])
@@ -202,7 +202,7 @@ class GeneralistPredictor:
     def caption(self, images: ImagesLike, beam_size: Optional[int] = None, max_length: Optional[int] = None,
                 batch_size: int = 8):
         """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images)."""
-        name = self._task("captioning")
+        name = self._task("captioning", lambda t: t.family is TaskFamily.CAPTIONING)
         return self._map(images, batch_size, lambda xs: [
             o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length)])
 
@@ -218,16 +218,10 @@ class GeneralistPredictor:
             raise ValueError("retrieve needs at least one image and one text")
         if any(not t.strip() for t in texts):
             raise ValueError("retrieve: texts must not be empty strings")
-        name = self._task("retrieval")
-        task: RetrievalTask = self.model.tasks[name]
-
-        def embed(xs):
-            enc = self.model.encode_image(xs, task.family)
-            return list(self.model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0])
-
+        task = self.model.tasks[self._task("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL)]
         with self.model.inference_autocast():
-            img = torch.stack(self._map(list(images), batch_size, embed))
-            txt = task.encode_texts(self.model, list(texts))
+            img = torch.stack(self._map(list(images), batch_size, lambda xs: list(task.embed_images(self.model, xs))))
+            txt = task.embed_texts(self.model, list(texts)).embeddings
         return F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
 
 

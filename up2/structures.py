@@ -12,9 +12,9 @@ Boxes are normalised (cx, cy, w, h) in [0, 1] relative to the PADDED image
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -22,7 +22,7 @@ __all__ = [
     "PixelDecoderOutput",
     "ProposalOutput",
     "ProposalTargets",
-    "AttentionKind",
+    "TokenAttention",
     "TokenBatch",
 ]
 
@@ -118,11 +118,15 @@ class ProposalOutput:
         return torch.einsum("nrd,ndhw->nrhw", emb, self.mask_features)
 
 
-class AttentionKind(Enum):
-    """Self-attention pattern of the unified decoder (paper App. B)."""
+class TokenAttention(Enum):
+    """How a token attends (paper §4.3, App. B): to the whole sequence, or only to the tokens
+    before it. A token's kind is one of its MoE routing attributes
+    (``up2.modeling.token_attributes``), and a batch's kind is its self-attention pattern in g:
+    a CAUSAL :class:`TokenBatch` attends bidirectionally within its first ``prefix_length``
+    tokens (e.g. the image of a captioning sequence) and causally after them."""
 
     BIDIRECTIONAL = "bidirectional"
-    PREFIX_CAUSAL = "prefix_causal"
+    CAUSAL = "causal"
 
 
 @dataclass
@@ -134,12 +138,17 @@ class TokenBatch:
         padding_mask: (B, T) bool, True on padding.
         attributes: (B, T, A) float, per-token routing attributes for conditional MoE
             (modality, role, attention kind, task family); see ``up2.modeling.moe``.
-        attention: how tokens attend to each other.
-        prefix_length: (B,) int64 number of prefix tokens for PREFIX_CAUSAL (ignored otherwise).
+        attention: the batch's attention pattern (:class:`TokenAttention`).
+        prefix_length: (B,) int64, the bidirectional prefix of a CAUSAL batch (None = 0;
+            ignored for BIDIRECTIONAL).
+        segments: named parts of the sequence, name -> slice of the T positions, e.g.
+            {"global": slice(0, 50), "regional": slice(50, 150)} for image tokens; g names
+            its outputs by them (``up2.modeling.unified_decoder.DecoderOutput``).
     """
 
     tokens: torch.Tensor
     padding_mask: torch.Tensor
     attributes: Optional[torch.Tensor] = None
-    attention: AttentionKind = AttentionKind.BIDIRECTIONAL
+    attention: TokenAttention = TokenAttention.BIDIRECTIONAL
     prefix_length: Optional[torch.Tensor] = None
+    segments: Dict[str, slice] = field(default_factory=dict)

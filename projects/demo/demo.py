@@ -81,7 +81,7 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
         raise ValueError(f"{cfg.MODEL.WEIGHTS or 'the model'}: several tasks {sorted(model.tasks)} and no "
                          "MODEL.DEFAULT_TASK; add --opts MODEL.DEFAULT_TASK <a detection task>")
     spec = model.tasks[model.default_task].spec
-    if spec.type not in ("detection", "instance_segmentation"):
+    if not model.tasks[model.default_task].localization:
         raise ValueError(f"demo.py draws detections, but the default task {spec.name} is {spec.type!r}; "
                          "set MODEL.DEFAULT_TASK to a detection or instance-segmentation task")
     # class names travel with the config / checkpoint: no dataset needs to be registered

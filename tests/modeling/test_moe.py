@@ -17,7 +17,7 @@ from up2.modeling.token_attributes import (
     encode_attributes,
 )
 from up2.modeling.unified_decoder import FeedForward, UnifiedDecoder
-from up2.structures import AttentionKind, TokenBatch
+from up2.structures import TokenAttention, TokenBatch
 
 D, F_DIM = 16, 32
 
@@ -84,14 +84,14 @@ def test_routing_depends_only_on_attributes_and_matches_reference():
     # same attributes, different content -> same experts and weights; output is the same function
     x2 = x.clone()
     x2[1, 3:] = x[0, 3:]
-    out, out2 = moe(x, attributes), moe(x2, attributes)
+    out, out2 = moe(x, attributes)[0], moe(x2, attributes)[0]
     assert torch.allclose(out2[1, 3:], out[0, 3:], atol=1e-6)
     assert torch.allclose(out, _reference_moe(moe, x, attributes), atol=1e-5)
     # observed through the gradients: two tokens with equal attributes and different content
     # use exactly the experts ``route`` chose for them
     for b, t in ((0, 4), (1, 6)):
         moe.zero_grad()
-        moe(torch.randn(1, 1, D) * (b + 1), attributes[b, t][None, None]).sum().backward()
+        moe(torch.randn(1, 1, D) * (b + 1), attributes[b, t][None, None])[0].sum().backward()
         used = moe.w1.grad.flatten(1).abs().sum(1).nonzero().flatten().tolist()
         assert sorted(used) == sorted(idx[b, t].tolist()) == [2, 3]
 
@@ -102,7 +102,7 @@ def test_random_gate_matches_reference_and_groups_route_alike():
     tasks = torch.tensor([[0, 3, 0, 4, 3, 1]])  # interleaved groups
     attributes = encode_attributes(Modality.TEXT, Role.TARGET, TokenAttention.BIDIRECTIONAL, tasks).expand(3, -1, -1)
     x = torch.randn(3, 6, D)
-    assert torch.allclose(moe(x, attributes), _reference_moe(moe, x, attributes), atol=1e-5)
+    assert torch.allclose(moe(x, attributes)[0], _reference_moe(moe, x, attributes), atol=1e-5)
     # ``route`` gates every token's row in one GEMM, where BLAS may compute some rows with another
     # micro-kernel: equal attribute rows give logits equal up to fp32 rounding, not bit for bit.
     # The chosen experts are integers and must agree exactly; for that to be a property of the
@@ -127,7 +127,7 @@ def test_single_expert_equals_dense_ffn():
         moe.w2[0].copy_(dense.fc2.weight.t())
         moe.b2[0].copy_(dense.fc2.bias)
     x = torch.randn(2, 7, D)
-    assert torch.allclose(moe(x, _mixed_attributes()), dense(x), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(moe(x, _mixed_attributes())[0], dense(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_only_routed_experts():
@@ -137,7 +137,7 @@ def test_gradients_reach_only_routed_experts():
     routed = set(moe.route(attributes)[0].unique().tolist())
     assert 2 <= len(routed) < 6
     x = torch.randn(2, 7, D, requires_grad=True)
-    moe(x, attributes).square().sum().backward()
+    moe(x, attributes)[0].square().sum().backward()
     for name in ("w1", "b1", "w2", "b2"):
         per_expert = getattr(moe, name).grad.flatten(1).abs().sum(1)
         for e in range(6):
@@ -160,15 +160,13 @@ def test_balance_loss_hand_computation_and_pop():
     torch.manual_seed(0)
     moe = ConditionalMoE(D, F_DIM, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM, balance_loss_weight=0.5)
     x, attributes = torch.randn(2, 7, D), _mixed_attributes()
-    moe(x, attributes)
-    moe(x, attributes)
-    loss = moe.pop_balance_loss()
-    assert loss.dim() == 0 and loss > 0 and moe.pop_balance_loss() is None
+    _, loss = moe(x, attributes)
+    _, again = moe(x, attributes)
+    assert loss.dim() == 0 and loss > 0
+    torch.testing.assert_close(again, loss)  # returned by each call, not accumulated on the module
     loss.backward()
     assert_grad_norm(moe.gate.weight.grad, 0.05, "gate.weight")  # 0.6 here
-    moe.eval()
-    moe(x, attributes)
-    assert moe.pop_balance_loss() is None
+    assert ConditionalMoE(D, F_DIM, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM)(x, attributes)[1] is None
 
 
 def test_bad_inputs_raise():
@@ -186,9 +184,9 @@ def test_bf16_autocast_cpu():
     torch.manual_seed(0)
     moe = ConditionalMoE(D, F_DIM, num_experts=4, top_k=2, attribute_dim=ATTRIBUTE_DIM)
     x, attributes = torch.randn(2, 7, D), _mixed_attributes()
-    ref = moe(x, attributes)
+    ref = moe(x, attributes)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = moe(x, attributes)
+        out = moe(x, attributes)[0]
         idx, _ = moe.route(attributes)
     assert torch.equal(idx, moe.route(attributes)[0])  # routing is fp32 under autocast
     assert torch.isfinite(out).all() and torch.allclose(out.float(), ref, atol=0.1)
@@ -231,9 +229,9 @@ def test_moe_and_dense_ffn_give_the_same_output_with_and_without_autograd(autoca
     dense = FeedForward(D, F_DIM, dropout=0.0)
     x, attributes = torch.randn(2, 7, D), _mixed_attributes()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        grad = (moe(x, attributes), dense(x))
+        grad = (moe(x, attributes)[0], dense(x)[0])
         with torch.inference_mode():
-            inference = (moe(x, attributes), dense(x))
+            inference = (moe(x, attributes)[0], dense(x)[0])
     # bf16: a GEMM output rounded on the other side of a tie differs by 1 ulp (2**-8 relative),
     # which the second GEMM spreads to ~1e-3 on these 0.5-size outputs
     tol = dict(rtol=1.6e-2, atol=4e-3) if autocast else dict(rtol=1e-5, atol=1e-5)
@@ -259,10 +257,10 @@ def test_unified_decoder_with_moe_forward_backward():
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, -2:] = True
     batch = TokenBatch(tokens=torch.randn(B, T, D), padding_mask=pad, attributes=_mixed_attributes(B),
-                       attention=AttentionKind.PREFIX_CAUSAL, prefix_length=torch.tensor([3, 3]))
-    out = dec(batch)
+                       attention=TokenAttention.CAUSAL, prefix_length=torch.tensor([3, 3]))
+    result = dec(batch)
+    out, balance = result.features, result.aux_loss
     assert out.shape == (B, T + 1, D) and torch.isfinite(out).all()
-    balance = dec.pop_balance_loss()
     assert balance is not None and balance.dim() == 0
     # the output is post-LayerNorm: out.square().mean() is ~1 whatever the input (zero gradient),
     # a fixed random projection is not
@@ -285,15 +283,16 @@ def test_dense_default_is_unchanged_by_config_without_or_disabled_moe():
     b = UnifiedDecoder(cfg)
     torch.manual_seed(0)
     c = UnifiedDecoder(embed_dim=D, num_layers=2, num_heads=2, ffn_dim=F_DIM, dropout=0.0)
-    assert isinstance(a.layers[0].ffn, FeedForward) and a.pop_balance_loss() is None
+    batch = TokenBatch(tokens=torch.randn(1, 3, D), padding_mask=torch.zeros(1, 3, dtype=torch.bool))
+    assert isinstance(a.layers[0].ffn, FeedForward) and a(batch).aux_loss is None
     for other in (b, c):
         sa, so = a.state_dict(), other.state_dict()
         assert sa.keys() == so.keys() and all(torch.equal(sa[k], so[k]) for k in sa)
 
 
-@pytest.mark.parametrize("outputs", [slice(0, 1), slice(2, 6), slice(-1, None), slice(1, None), slice(0, 8)])
-def test_unified_decoder_outputs_equal_the_full_forward_rows(outputs):
-    """``outputs`` (the positions a task reads) changes only how much the last layer computes:
+@pytest.mark.parametrize("read", [("spe",), ("image",), ("text",), ("image", "text"), None])
+def test_unified_decoder_read_segments_equal_the_full_forward_rows(read):
+    """``read`` (the segments a task reads) changes only how much the last layer computes:
     in eval the rows equal the full forward's (prefix-causal, padding, MoE routing by the kept
     rows' attributes); in training they are the full forward's rows, and the balance loss is
     the full forward's."""
@@ -303,26 +302,30 @@ def test_unified_decoder_outputs_equal_the_full_forward_rows(outputs):
     pad = torch.zeros(B, T, dtype=torch.bool)
     pad[1, -2:] = True
     batch = TokenBatch(tokens=torch.randn(B, T, D), padding_mask=pad, attributes=_mixed_attributes(B),
-                       attention=AttentionKind.PREFIX_CAUSAL, prefix_length=torch.tensor([3, 3]))
+                       attention=TokenAttention.CAUSAL, prefix_length=torch.tensor([3, 3]),
+                       segments={"image": slice(0, 3), "text": slice(3, 7)})
+    rows = {"spe": slice(0, 1), "image": slice(1, 4), "text": slice(4, 8)}
     dec.eval()
     full = dec(batch)
-    part = dec(batch, outputs=outputs)
-    assert part.shape == full[:, outputs].shape
-    # fewer rows in the last layer's GEMMs: equal up to fp32 rounding (~1e-6 on unit-size values)
-    torch.testing.assert_close(part, full[:, outputs], rtol=1e-5, atol=1e-5)
+    part = dec(batch, read=read)
+    for name in read or rows:
+        # fewer rows in the last layer's GEMMs: equal up to fp32 rounding (~1e-6 on unit-size values)
+        torch.testing.assert_close(part[name], full.features[:, rows[name]], rtol=1e-5, atol=1e-5)
     dec.train()
     full = dec(batch)
-    balance = dec.pop_balance_loss()
-    part = dec(batch, outputs=outputs)
-    torch.testing.assert_close(part, full[:, outputs], rtol=0, atol=0)
-    torch.testing.assert_close(dec.pop_balance_loss(), balance, rtol=0, atol=0)
+    part = dec(batch, read=read)
+    for name in read or rows:
+        torch.testing.assert_close(part[name], full.features[:, rows[name]], rtol=0, atol=0)
+    torch.testing.assert_close(part.aux_loss, full.aux_loss, rtol=0, atol=0)
 
 
-def test_unified_decoder_outputs_must_be_a_unit_step_slice():
+def test_unified_decoder_read_must_name_segments():
     torch.manual_seed(0)
     dec = UnifiedDecoder(_moe_cfg()).eval()
     batch = TokenBatch(tokens=torch.randn(1, 3, D), padding_mask=torch.zeros(1, 3, dtype=torch.bool),
-                       attributes=_mixed_attributes(1)[:, :3])
-    for bad in (slice(0, 4, 2), 0, [0, 1]):
-        with pytest.raises(ValueError, match="outputs must be a slice"):
-            dec(batch, outputs=bad)
+                       attributes=_mixed_attributes(1)[:, :3], segments={"text": slice(0, 3)})
+    for bad in (("image",), (), ("spe", "regional")):
+        with pytest.raises(ValueError, match="segments"):
+            dec(batch, read=bad)
+    with pytest.raises(KeyError, match="no segment"):
+        dec(batch, read=("text",))["spe"]

@@ -2,10 +2,10 @@ import torch
 from conftest import assert_grad_norm, random_projection
 
 from up2.modeling.unified_decoder import UnifiedDecoder, build_attention_mask
-from up2.structures import AttentionKind, TokenBatch
+from up2.structures import TokenAttention, TokenBatch
 
 
-def _batch(B=2, T=5, d=16, pad_last=(0, 2), prefix=None, kind=AttentionKind.BIDIRECTIONAL):
+def _batch(B=2, T=5, d=16, pad_last=(0, 2), prefix=None, kind=TokenAttention.BIDIRECTIONAL):
     pad = torch.zeros(B, T, dtype=torch.bool)
     for b, n in enumerate(pad_last):
         if n:
@@ -15,7 +15,7 @@ def _batch(B=2, T=5, d=16, pad_last=(0, 2), prefix=None, kind=AttentionKind.BIDI
 
 def test_prefix_causal_mask_matches_brute_force():
     torch.manual_seed(0)
-    batch = _batch(T=6, pad_last=(0, 1), prefix=torch.tensor([2, 4]), kind=AttentionKind.PREFIX_CAUSAL)
+    batch = _batch(T=6, pad_last=(0, 1), prefix=torch.tensor([2, 4]), kind=TokenAttention.CAUSAL)
     mask = build_attention_mask(batch)[:, 0]
     for b in range(2):
         for t in range(6):
@@ -29,10 +29,10 @@ def test_padding_does_not_change_real_tokens():
     torch.manual_seed(0)
     dec = UnifiedDecoder(embed_dim=16, num_layers=2, num_heads=2, ffn_dim=32, dropout=0.0).eval()
     x = torch.randn(1, 3, 16)
-    short = dec(TokenBatch(tokens=x, padding_mask=torch.zeros(1, 3, dtype=torch.bool)))
+    short = dec(TokenBatch(tokens=x, padding_mask=torch.zeros(1, 3, dtype=torch.bool))).features
     padded = torch.cat([x, torch.randn(1, 4, 16)], dim=1)
     pad = torch.tensor([[False] * 3 + [True] * 4])
-    long = dec(TokenBatch(tokens=padded, padding_mask=pad))
+    long = dec(TokenBatch(tokens=padded, padding_mask=pad)).features
     assert torch.allclose(short, long[:, :4], atol=1e-5)
 
 
@@ -41,11 +41,11 @@ def test_causal_future_does_not_leak():
     dec = UnifiedDecoder(embed_dim=16, num_layers=2, num_heads=2, ffn_dim=32, dropout=0.0).eval()
     x = torch.randn(1, 6, 16)
     pad = torch.zeros(1, 6, dtype=torch.bool)
-    kw = dict(attention=AttentionKind.PREFIX_CAUSAL, prefix_length=torch.tensor([2]))
-    a = dec(TokenBatch(tokens=x, padding_mask=pad, **kw))
+    kw = dict(attention=TokenAttention.CAUSAL, prefix_length=torch.tensor([2]))
+    a = dec(TokenBatch(tokens=x, padding_mask=pad, **kw)).features
     y = x.clone()
     y[:, 4:] = torch.randn(1, 2, 16)  # change the future of token 3
-    b = dec(TokenBatch(tokens=y, padding_mask=pad, **kw))
+    b = dec(TokenBatch(tokens=y, padding_mask=pad, **kw)).features
     # outputs (with [SPE] at 0) up to input token 3 are unchanged; token 4 changes
     assert torch.allclose(a[:, :5], b[:, :5], atol=1e-5)
     assert not torch.allclose(a[:, 5], b[:, 5])
@@ -58,14 +58,14 @@ def test_spe_is_prepended_and_gradients_flow():
     torch.manual_seed(0)
     dec = UnifiedDecoder(embed_dim=16, num_layers=1, num_heads=2, ffn_dim=32, dropout=0.0)
     batch = _batch()
-    out = dec(batch)
+    out = dec(batch).features
     assert out.shape == (2, 6, 16)
     # [SPE] is position 0 of every sequence: changing it (not by a constant, which a LayerNorm
     # removes) moves row 0
     step = torch.randn(dec.spe.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dec.spe.add_(step)
-        moved = dec(batch)
+        moved = dec(batch).features
         dec.spe.sub_(step)
     assert (moved[:, 0] - out[:, 0]).abs().max() > 0.1
     random_projection(out[:, 0]).backward()
@@ -97,7 +97,7 @@ def _prefix_and_text(B=2, Ti=5, T=4, d=16):
     text = torch.randn(B, T, d, generator=g)
     full = TokenBatch(tokens=torch.cat((prefix.tokens, text), 1),
                       padding_mask=torch.cat((img_pad, torch.zeros(B, T, dtype=torch.bool)), 1),
-                      attributes=torch.cat((img_attr, txt_attr), 1), attention=AttentionKind.PREFIX_CAUSAL,
+                      attributes=torch.cat((img_attr, txt_attr), 1), attention=TokenAttention.CAUSAL,
                       prefix_length=torch.full((B,), Ti))
     return prefix, text, txt_attr, full
 
@@ -108,7 +108,7 @@ def test_incremental_decoding_equals_the_full_prefix_causal_forward():
     dec = _moe_decoder()
     prefix, text, txt_attr, full = _prefix_and_text()
     Ti = prefix.tokens.shape[1]
-    expected = dec(full)[:, 1 + Ti:]  # the text positions
+    expected = dec(full).features[:, 1 + Ti:]  # the text positions
     cache = dec.prefill(prefix)
     assert len(cache.layers) == 3 and cache.layers[0][0].shape == (2, 2, 1 + Ti, 8)
     steps = []
@@ -128,7 +128,7 @@ def test_decoder_cache_reorder_follows_the_sequences():
     _, cache = dec.extend(cache, text[:, :1], txt_attr[:, :1])
     swapped = cache.reorder(torch.tensor([1, 0]))
     out, _ = dec.extend(swapped, text[[1, 0], 1:2], txt_attr[:, 1:2])
-    expected = dec(full)[:, 1 + prefix.tokens.shape[1] + 1]
+    expected = dec(full).features[:, 1 + prefix.tokens.shape[1] + 1]
     torch.testing.assert_close(out[:, 0], expected[[1, 0]], rtol=0, atol=1e-5)
     assert cache.reorder(torch.tensor([0, 1])) is cache  # identity: no copy
     doubled = cache.reorder(torch.tensor([1, 1]))

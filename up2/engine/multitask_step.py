@@ -23,7 +23,6 @@ from up2.solver.tbgn import TBGN
 __all__ = ["MultiTaskStep"]
 
 _AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-_LOCALIZATION = ("detection", "instance_segmentation")
 
 
 class MultiTaskStep(SimpleTrainer):
@@ -120,24 +119,13 @@ class MultiTaskStep(SimpleTrainer):
             (key,) = logged
             storage.put_scalar(key, storage.history("total_loss").latest())
         storage.put_scalar("grad_norm", grad_norm, smoothing_hint=False)
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        tasks = getattr(model, "tasks", {})
         for name in batches:
             storage.put_scalar(f"task_count/{name}", self.task_counts[name], smoothing_hint=False)
-            if self.specs[name].type in _LOCALIZATION:
-                self._write_annotation_counts(name, batches[name], storage)
-        model = self.model.module if hasattr(self.model, "module") else self.model
+            if name in tasks:
+                tasks[name].log_batch(batches[name], storage)
         storage.put_scalar("tau", float(model.likelihood.temperature.detach()), smoothing_hint=False)
-
-    @staticmethod
-    def _write_annotation_counts(name: str, batch, storage) -> None:
-        """Log ``<task>/gt_instances_min`` / ``_max``: ground-truth instances in one rank's batch
-        (int), min / max over ranks. A min of 0 with a max > 0 marks an iteration where a rank
-        trained on images without annotations while others had some (such a rank
-        must give the same loss keys). Called on every rank (one small gather)."""
-        n = sum(len(x["instances"]) for x in batch if isinstance(x, dict) and "instances" in x)
-        counts = comm.gather(n)
-        if comm.is_main_process():
-            storage.put_scalar(f"{name}/gt_instances_min", min(counts), smoothing_hint=False)
-            storage.put_scalar(f"{name}/gt_instances_max", max(counts), smoothing_hint=False)
 
     def state_dict(self):
         ret = super().state_dict()

@@ -21,42 +21,27 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
-from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
-from up2.data.mappers import (
-    ClassificationDatasetMapper,
-    DetectionDatasetMapper,
-    ImageTextDatasetMapper,
-    TextDatasetMapper,
-)
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
 from up2.data.samplers import ResumableTrainingSampler
 from up2.engine.hooks import ProgressBar
 from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
-from up2.evaluation import CaptioningEvaluator, ClassificationEvaluator, MaskedLMEvaluator, RetrievalEvaluator
-from up2.modeling.tasks.base import LOCALIZATION_TYPES, TaskSpec, default_task_name, task_specs_from_config
+from up2.modeling.tasks.base import TaskSpec, default_task_name, task_specs_from_config
 from up2.modeling.tasks.task_data import TASK_DATA_KEY, check_datasets_registered, resolve_task_data, task_data_of
 from up2.solver.tbgn import TBGN
 
 __all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
 
 def build_mapper(cfg, spec: TaskSpec, is_train: bool):
-    """The dataset mapper of a task type (one mapper per input kind)."""
-    if spec.type in LOCALIZATION_TYPES:
-        return DetectionDatasetMapper(cfg, is_train=is_train, use_instance_mask=spec.type == "instance_segmentation")
-    if spec.type == "classification":
-        return ClassificationDatasetMapper(cfg, is_train=is_train)
-    if spec.type in ("retrieval", "captioning"):
-        return ImageTextDatasetMapper(cfg, is_train=is_train)
-    if spec.type == "masked_lm":
-        return TextDatasetMapper(cfg, is_train=is_train)
-    raise ValueError(f"no mapper for task type {spec.type!r} (task {spec.name})")
+    """The dataset mapper of the task ``spec`` (``Task.build_mapper``)."""
+    return spec.task_class(spec).build_mapper(cfg, is_train)
 
 
 def _lr_factor(cfg):
@@ -264,7 +249,7 @@ class UP2Trainer(DefaultTrainer):
         check_datasets_registered(specs, test=False)
         loaders, samplers = {}, {}
         for name, spec in specs.items():
-            localization = spec.type in LOCALIZATION_TYPES
+            localization = spec.task_class.localization
             dataset = get_detection_dataset_dicts(
                 list(spec.datasets_train), filter_empty=localization and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
             )
@@ -297,31 +282,21 @@ class UP2Trainer(DefaultTrainer):
         """detectron2's test loader of ``dataset_name`` with the mapper and batch size of the task
         ``spec`` (default: the model's default task, ``default_task_name``)."""
         spec = spec or _default_spec(cfg)
-        batch = 1 if spec.type in LOCALIZATION_TYPES else 8
+        task = spec.task_class(spec)
         return build_detection_test_loader(
             dataset=get_detection_dataset_dicts([dataset_name], filter_empty=False),
-            mapper=build_mapper(cfg, spec, is_train=False),
-            batch_size=batch,
+            mapper=task.build_mapper(cfg, is_train=False),
+            batch_size=task.test_batch_size,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, spec: TaskSpec = None):
-        """The evaluator of the task ``spec`` (default: the model's default task) on ``dataset_name``."""
+        """The evaluator of the task ``spec`` (default: the model's default task) on ``dataset_name``
+        (``Task.build_evaluator``)."""
         spec = spec or _default_spec(cfg)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", spec.name, dataset_name)
-        if spec.type in LOCALIZATION_TYPES:
-            kinds = ("bbox", "segm") if spec.type == "instance_segmentation" else ("bbox",)
-            return COCOEvaluator(dataset_name, tasks=kinds, distributed=True, output_dir=output_folder)
-        if spec.type == "classification":
-            return ClassificationEvaluator()
-        if spec.type == "retrieval":
-            return RetrievalEvaluator()
-        if spec.type == "captioning":
-            return CaptioningEvaluator.from_dataset(dataset_name, output_dir=output_folder)
-        if spec.type == "masked_lm":
-            return MaskedLMEvaluator()
-        raise ValueError(f"no evaluator for task type {spec.type!r} (task {spec.name})")
+        return spec.task_class(spec).build_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -21,7 +21,11 @@ from torch import nn
 from up2.modeling.proposal.position_encoding import box_sine_encoding, position_encoding_2d
 from up2.structures import ProposalOutput, TokenBatch
 
-__all__ = ["ImageEncoder", "ImageTokens", "gather_proposals", "select_regional_proposals"]
+__all__ = ["ImageEncoder", "ImageTokens", "gather_proposals", "select_regional_proposals", "GLOBAL_SEGMENT",
+           "REGIONAL_SEGMENT"]
+
+# names of the token batch's segments (paper Eq. 1): global tokens, then regional tokens
+GLOBAL_SEGMENT, REGIONAL_SEGMENT = "global", "regional"
 
 # token kinds (rows of the type embedding)
 ATTN_POOL, GLOBAL, REGIONAL = 0, 1, 2
@@ -32,7 +36,8 @@ class ImageTokens:
     """Output of :class:`ImageEncoder`.
 
     Attributes:
-        batch: TokenBatch with tokens (N, M' + h*w + R, d) and its padding mask.
+        batch: TokenBatch with tokens (N, M' + h*w + R, d), its padding mask and the segments
+            "global" (the M' + h*w global tokens) and "regional" (the R regional tokens).
         regional_start: index of the first regional token inside the sequence (without [SPE]).
         regional_index: (N, R) int64, which proposal (0..Q-1) each regional token comes from.
         regional_masks: (N, R, Hm, Wm) float mask logits of those proposals (set by
@@ -218,8 +223,10 @@ class ImageEncoder(nn.Module):
         masks = proposals.masks_of(index)  # (N, R, Hm, Wm): only R mask products when masks are lazy
         r_tokens = self.regional_tokens(proposals, index, masks)
         r_pad = torch.zeros(r_tokens.shape[:2], dtype=torch.bool, device=r_tokens.device)
+        G, R = g_tokens.shape[1], r_tokens.shape[1]
         batch = TokenBatch(
             tokens=torch.cat([g_tokens, r_tokens.to(g_tokens.dtype)], dim=1),
             padding_mask=torch.cat([g_pad, r_pad], dim=1),
+            segments={GLOBAL_SEGMENT: slice(0, G), REGIONAL_SEGMENT: slice(G, G + R)},
         )
         return ImageTokens(batch=batch, regional_start=g_tokens.shape[1], regional_index=index, regional_masks=masks)

@@ -20,7 +20,7 @@ from up2.layers.frozen_bn import fold_frozen_batchnorm
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
-from up2.modeling.target_set import TargetCache, encode_texts
+from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_targets
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, default_task_name, implicit_default_task
 from up2.modeling.tasks.task_data import task_specs_for_model
 from up2.modeling.text_encoder import TextEncoder
@@ -94,8 +94,10 @@ class UniPerceiverV2(nn.Module):
     the only task, else the only localization task), so detectron2's ``DefaultPredictor`` and
     evaluators work unchanged.
 
-    Tasks (``up2.modeling.tasks``) are called as ``task(model, batched_inputs, **kwargs)`` and use
-    only this small interface: ``encode_image``, ``embed_targets``, ``text_encoder``,
+    ``forward`` runs the data flow of paper Fig. 2 with the task's steps
+    (``up2.modeling.tasks.task.Task``): inputs -> token batch x, targets -> embeddings of Y,
+    g(x) -> named segments, likelihood -> losses or results. Tasks use the model's parts
+    through ``encode_image``, ``embed_texts``, ``embed_tokens_as_targets``, ``text_encoder``,
     ``unified_decoder`` and ``likelihood``.
     """
 
@@ -152,7 +154,7 @@ class UniPerceiverV2(nn.Module):
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.target_cache = TargetCache()
+        self.target_cache: Optional[TargetCache] = None  # set by up2.modeling.inference.prepare_for_inference
         self.inference_amp = inference_amp
         self.channels_last = channels_last
         if channels_last:  # 4-D parameters only (the convs); kept by .to(device) and load_state_dict
@@ -214,21 +216,56 @@ class UniPerceiverV2(nn.Module):
         """Parameters that target embeddings depend on (for the cache stamp)."""
         return itertools.chain(self.text_encoder.parameters(), self.unified_decoder.parameters())
 
-    def embed_targets(self, texts: Sequence[str], family: TaskFamily) -> torch.Tensor:
-        """(C, d) target embeddings g(f_text(y)) at [SPE]; cached at evaluation (they do not depend on the input).
+    def _targets(self, key: tuple, compute: Callable[[], TargetEmbeddings]) -> TargetEmbeddings:
+        """``compute()``, or its cached embeddings in a model prepared for inference."""
+        if self.target_cache is None or self.training:
+            return compute()
+        device = self.device.type
+        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        return TargetEmbeddings(self.target_cache.get(
+            (str(precision), *key), self.text_parameters(), lambda: compute().embeddings))
+
+    def embed_texts(self, texts: Sequence[str], family: TaskFamily, cache: bool = True) -> TargetEmbeddings:
+        """Texts (class names, captions) as targets: g(f_text(y)) at [SPE] (paper Eq. 6).
+
+        Args:
+            texts: C strings. family: the task family (MoE routing).
+            cache: whether a model prepared for inference may keep them (class names: yes;
+                the captions of one batch: no).
+
+        Returns:
+            TargetEmbeddings, embeddings (C, d).
 
         Raises:
             ValueError: an empty list of texts.
         """
-        if self.training:
-            return encode_texts(self.text_encoder, self.unified_decoder, texts, family)
-        device = self.device.type
-        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-        return self.target_cache.get(
-            (family.value, str(precision), *texts),
-            self.text_parameters(),
-            lambda: encode_texts(self.text_encoder, self.unified_decoder, texts, family),
-        )
+        texts = list(texts)
+        if not texts:
+            raise ValueError("the target set is empty: give at least one class name / text")
+
+        def compute():
+            return encode_targets(self.unified_decoder, *self.text_encoder.encode(texts), family)
+
+        return self._targets(("texts", family.value, *texts), compute) if cache else compute()
+
+    def embed_tokens_as_targets(self, token_ids: torch.Tensor, family: TaskFamily, key: tuple,
+                                chunk: int = 4096) -> TargetEmbeddings:
+        """Single vocabulary tokens as targets (captioning, masked LM; paper App. B): each token's
+        context-free embedding (``TextEncoder.embed_tokens``) through g, read at [SPE].
+
+        Args:
+            token_ids: (V,) int64. family: the task family. key: identifies the token set in
+                the inference cache. chunk: tokens per pass through g.
+
+        Returns:
+            TargetEmbeddings, embeddings (V, d).
+        """
+        def compute():
+            ids = token_ids[:, None]
+            pad = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            return encode_targets(self.unified_decoder, self.text_encoder.embed_tokens(ids), pad, family, chunk)
+
+        return self._targets(("tokens", family.value, *key), compute)
 
     def encode_image(
         self,
@@ -268,14 +305,14 @@ class UniPerceiverV2(nn.Module):
         return torch.autocast(self.device.type, dtype=self.inference_amp)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[dict], task: Optional[str] = None, **task_kwargs):
-        """Run one task on a batch.
+    def forward(self, batched_inputs: List[dict], task: Optional[str] = None, **options):
+        """Run one task on a batch (paper Fig. 2).
 
         Args:
             batched_inputs: detectron2 mapper dicts of that task (see each task's docstring).
             task: a name of cfg.TASKS; default: ``self.default_task``.
-            task_kwargs: passed to the task at inference, e.g. ``class_names=[...]`` (open
-                vocabulary) for detection.
+            options: inference options of the task, e.g. ``class_names=[...]`` (open
+                vocabulary) for detection, ``beam_size=`` for captioning.
 
         Returns:
             training: dict of scalar losses (plus "loss_moe_balance" when MoE balancing is on).
@@ -284,6 +321,7 @@ class UniPerceiverV2(nn.Module):
 
         Raises:
             KeyError: an unknown task name.
+            TypeError: an option the task does not take.
             ValueError: no ``task`` given and no default task (several tasks, not exactly one
                 of them a localization task, and no ``MODEL.DEFAULT_TASK``).
         """
@@ -293,11 +331,17 @@ class UniPerceiverV2(nn.Module):
                              "or set cfg.MODEL.DEFAULT_TASK")
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
+        t = self.tasks[name]
+        t.check_options(options)
         with self.inference_autocast():
-            out = self.tasks[name](self, batched_inputs, **task_kwargs)
-        if not self.training:
-            out = _float32_results(out)
-        balance = self.unified_decoder.pop_balance_loss()
-        if self.training and balance is not None:
-            out["loss_moe_balance"] = balance
-        return out
+            x = t.encode_inputs(self, batched_inputs)  # images / texts -> token batch (f_image, f_text)
+            y = t.encode_targets(self, batched_inputs, x, **options)  # target set -> g(f_text(Y)) at [SPE]
+            if not self.training:
+                return _float32_results(t.predict(self, x, y, batched_inputs, **options))
+            out = self.unified_decoder(x.batch, read=t.reads)  # g(x), named segments
+            losses = dict(x.losses)
+            losses.update(t.losses(self, out, y, x, batched_inputs))  # likelihood, Eq. 7
+        balance = [a for a in (out.aux_loss, y.aux_loss) if a is not None]
+        if balance:
+            losses["loss_moe_balance"] = torch.stack(balance).sum()
+        return losses

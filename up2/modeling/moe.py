@@ -71,12 +71,11 @@ class ConditionalMoE(nn.Module):
     ``b2`` (E, d); initialised like ``nn.Linear``. Experts not chosen by any token of a batch
     receive no gradient from it (zero rows in ``.grad``).
 
-    Load balancing: in training (with grad enabled and ``balance_loss_weight > 0``) every
-    forward adds ``balance_loss_weight * switch_balance_loss`` (computed over all tokens,
-    padding included, since padding is routed like its attributes) to a pending sum that
-    ``pop_balance_loss()`` returns and clears. This pending sum is the module's only mutable
-    state; the caller (``UnifiedDecoder.pop_balance_loss``, then the meta-arch) pops it once
-    per iteration so several passes through g (inputs and targets) are all counted.
+    Load balancing: with ``balance_loss_weight > 0`` every forward returns
+    ``balance_loss_weight * switch_balance_loss`` (computed over all tokens, padding included,
+    since padding is routed like its attributes) next to its output; g sums it over layers and
+    the meta-architecture adds the sum over every pass through g (inputs and targets) to the
+    training losses. The module keeps no state between calls.
     """
 
     def __init__(
@@ -123,7 +122,6 @@ class ConditionalMoE(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, embed_dim))
         self.gate = nn.Linear(attribute_dim, num_experts)
         self.dropout = nn.Dropout(dropout)
-        self._pending_balance_loss: Optional[torch.Tensor] = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -177,7 +175,8 @@ class ConditionalMoE(nn.Module):
         lead = attributes.shape[:-1]
         return expert_idx.reshape(*lead, self.top_k), weights.reshape(*lead, self.top_k)
 
-    def forward(self, x: torch.Tensor, attributes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attributes: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Apply the routed experts.
 
         Args:
@@ -185,7 +184,8 @@ class ConditionalMoE(nn.Module):
             attributes: (B, T, A) float routing attributes, same leading shape as ``x``.
 
         Returns:
-            (B, T, d), the dtype the experts' matmuls produce (x's dtype, or the autocast dtype).
+            ((B, T, d), the dtype the experts' matmuls produce (x's dtype, or the autocast
+            dtype); the weighted balance loss, 0-dim float32, or None when its weight is 0).
 
         Raises:
             ValueError: ``attributes`` is None or its shape does not match ``x`` and A.
@@ -196,7 +196,7 @@ class ConditionalMoE(nn.Module):
         lead = x.shape[:-1]
         x_flat = x.reshape(-1, self.embed_dim)
         if x_flat.shape[0] == 0:
-            return x.clone()
+            return x.clone(), None
         groups, inverse, counts = torch.unique(
             attributes.reshape(-1, self.attribute_dim), dim=0, return_inverse=True, return_counts=True
         )
@@ -217,11 +217,10 @@ class ConditionalMoE(nn.Module):
         undo = torch.empty_like(order)
         undo[order] = torch.arange(order.numel(), device=order.device)
         out = torch.cat(outputs)[undo]
-        if self.training and torch.is_grad_enabled() and self.balance_loss_weight > 0:
+        loss = None
+        if self.balance_loss_weight > 0:
             loss = self.balance_loss_weight * switch_balance_loss(probs, expert_idx, counts)
-            pending = self._pending_balance_loss
-            self._pending_balance_loss = loss if pending is None else pending + loss
-        return out.reshape(*lead, self.embed_dim)
+        return out.reshape(*lead, self.embed_dim), loss
 
     def _experts_inference(self, chunk: torch.Tensor, experts, weights: torch.Tensor) -> torch.Tensor:
         """Without autograd: ``sum_j weights[j] * FFN_{experts[j]}(chunk)`` one expert at a time,
@@ -242,9 +241,3 @@ class ConditionalMoE(nn.Module):
             y.mul_(weights[j].to(y.dtype))
             out = y if out is None else out.add_(y)
         return out
-
-    def pop_balance_loss(self) -> Optional[torch.Tensor]:
-        """Weighted balance loss summed over the training forwards since the last pop (0-dim
-        float32), or None when none was recorded. Clears the pending sum."""
-        loss, self._pending_balance_loss = self._pending_balance_loss, None
-        return loss

@@ -27,6 +27,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from up2.structures import TokenAttention
+
 __all__ = [
     "Modality",
     "Role",
@@ -52,17 +54,6 @@ class Role(Enum):
 
     INPUT = "input"
     TARGET = "target"
-
-
-class TokenAttention(Enum):
-    """How THIS token attends: to the whole sequence, or only to earlier tokens (and the prefix).
-
-    In a PREFIX_CAUSAL ``TokenBatch`` (captioning), prefix (image) tokens are BIDIRECTIONAL and
-    the caption tokens are CAUSAL.
-    """
-
-    BIDIRECTIONAL = "bidirectional"
-    CAUSAL = "causal"
 
 
 class TaskFamily(Enum):

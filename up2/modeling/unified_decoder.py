@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,11 @@ from torch import nn
 
 from up2.modeling.moe import ConditionalMoE, gelu_of_fresh
 from up2.modeling.token_attributes import ATTRIBUTE_DIM
-from up2.structures import AttentionKind, TokenBatch
+from up2.structures import TokenAttention, TokenBatch
 
-__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "DecoderCache", "build_attention_mask", "SPE_POSITION"]
+__all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "DecoderCache", "DecoderOutput", "build_attention_mask", "SPE"]
 
-SPE_POSITION = slice(0, 1)  # ``UnifiedDecoder.forward(..., outputs=SPE_POSITION)``: only [SPE] is read
+SPE = "spe"  # the name of g's sequence-level output, position 0 (paper §4.3)
 
 
 def build_attention_mask(batch: TokenBatch) -> torch.Tensor:
@@ -31,31 +31,29 @@ def build_attention_mask(batch: TokenBatch) -> torch.Tensor:
 
     Args:
         batch: tokens (B, T, d), padding_mask (B, T) bool (True = pad), attention kind and,
-            for PREFIX_CAUSAL, prefix_length (B,) int64.
+            for CAUSAL, prefix_length (B,) int64 (None = no bidirectional prefix).
 
     Returns:
         (B, 1, T, T) bool, True where query t may attend key s. Padding keys are masked;
         every token may attend itself, so no row is empty (padded rows stay finite).
 
-    Raises:
-        ValueError: PREFIX_CAUSAL without ``prefix_length``.
     """
     B, T = batch.padding_mask.shape
     device = batch.padding_mask.device
     allowed = (~batch.padding_mask)[:, None, :].expand(B, T, T)
-    if batch.attention is AttentionKind.PREFIX_CAUSAL:
-        if batch.prefix_length is None:
-            raise ValueError("TokenBatch.prefix_length is required for PREFIX_CAUSAL attention")
+    if batch.attention is TokenAttention.CAUSAL:
         idx = torch.arange(T, device=device)
-        causal = idx[None, :] <= idx[:, None]  # (T, T): key s <= query t
-        in_prefix = idx[None, :] < batch.prefix_length[:, None]  # (B, T) key is a prefix token
-        allowed = allowed & (causal[None] | in_prefix[:, None, :])
+        causal = (idx[None, :] <= idx[:, None])[None]  # (1, T, T): key s <= query t
+        if batch.prefix_length is not None:  # keys of the bidirectional prefix
+            causal = causal | (idx[None, :] < batch.prefix_length[:, None])[:, None, :]
+        allowed = allowed & causal
     allowed = allowed | torch.eye(T, dtype=torch.bool, device=device)[None]
     return allowed[:, None]
 
 
 class FeedForward(nn.Module):
-    """Dense FFN: Linear(d, f) -> GELU -> dropout -> Linear(f, d). Input/output (B, T, d)."""
+    """Dense FFN: Linear(d, f) -> GELU -> dropout -> Linear(f, d). Input/output (B, T, d); it
+    returns ``(y, None)``, as a ``ConditionalMoE`` returns ``(y, balance loss)``."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, dropout: float):
         super().__init__()
@@ -63,15 +61,16 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.dropout(gelu_of_fresh(self.fc1(x))))
+    def forward(self, x: torch.Tensor, attributes: torch.Tensor | None = None) -> Tuple[torch.Tensor, None]:
+        return self.fc2(self.dropout(gelu_of_fresh(self.fc1(x)))), None
 
 
 class UnifiedDecoderLayer(nn.Module):
     """One post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
 
-    ``ffn_factory`` (zero-argument callable returning a module called as ``ffn(x, attributes)``,
-    e.g. a ``ConditionalMoE``) replaces the dense FFN when given.
+    ``ffn_factory`` (zero-argument callable returning a module called as ``ffn(x, attributes)``
+    that returns ``(y, auxiliary loss or None)``, e.g. a ``ConditionalMoE``) replaces the dense
+    FFN when given.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, ffn_dim: int, dropout: float,
@@ -89,10 +88,11 @@ class UnifiedDecoderLayer(nn.Module):
         self.attn_dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None,
-                rows: Optional[slice] = None) -> torch.Tensor:
+                rows: Optional[slice] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend); attributes: (B, T, A)
-        or None. Returns (B, T, d); with ``rows`` (a slice of the T positions) only those
-        positions are computed, as queries over all T keys: (B, len(rows), d)."""
+        or None. Returns ((B, T, d), the FFN's auxiliary loss (0-dim) or None); with ``rows`` (a
+        slice of the T positions) only those positions are computed, as queries over all T keys:
+        (B, len(rows), d)."""
         B, T, d = x.shape
         shape = (B, -1, self.num_heads, d // self.num_heads)
         if rows is None:
@@ -107,7 +107,8 @@ class UnifiedDecoderLayer(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
         x = self.norm1(x + self.dropout(self.out_proj(attn.transpose(1, 2).reshape(x.shape))))
-        return self.norm2(x + self.dropout(self.ffn(x, attributes)))
+        y, aux = self.ffn(x, attributes)
+        return self.norm2(x + self.dropout(y)), aux
 
     def forward_cached(self, x: torch.Tensor, past: Optional[Tuple[torch.Tensor, torch.Tensor]],
                        attn_mask: torch.Tensor, attributes=None, need_output: bool = True):
@@ -133,7 +134,51 @@ class UnifiedDecoderLayer(nn.Module):
             return None, (k, v)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = self.norm1(x + self.out_proj(attn.transpose(1, 2).reshape(x.shape)))
-        return self.norm2(x + self.ffn(x, attributes)), (k, v)
+        return self.norm2(x + self.ffn(x, attributes)[0]), (k, v)
+
+
+def _span(segments: Dict[str, slice], read: Optional[Sequence[str]], length: int) -> slice:
+    """The positions from the first to the last segment in ``read`` (all ``length`` for None)."""
+    if read is None:
+        return slice(0, length)
+    if isinstance(read, str):
+        read = (read,)
+    unknown = [name for name in read if name not in segments]
+    if unknown or not read:
+        raise ValueError(f"read={list(read)}: g's segments are {sorted(segments)}")
+    return slice(min(segments[n].start for n in read), max(segments[n].stop for n in read))
+
+
+@dataclass
+class DecoderOutput:
+    """What g gives a task: features of named token segments (paper §4.3, Eq. 6).
+
+    Attributes:
+        features: (B, S, d) float, the positions of the read span.
+        segments: name -> slice of ``features``: ``"spe"`` (position 0 of the sequence) and the
+            input batch's segments (e.g. "global", "regional", "text") that lie in the span.
+        aux_loss: 0-dim float, the MoE load-balancing loss summed over layers (already weighted
+            by its BALANCE_LOSS_WEIGHT), or None with dense FFNs.
+    """
+
+    features: torch.Tensor
+    segments: Dict[str, slice]
+    aux_loss: Optional[torch.Tensor] = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """(B, n, d) features of the segment ``name``.
+
+        Raises:
+            KeyError: ``name`` is not a segment of this output.
+        """
+        if name not in self.segments:
+            raise KeyError(f"g's output has no segment {name!r}; it has {sorted(self.segments)}")
+        return self.features[:, self.segments[name]]
+
+    @property
+    def spe(self) -> torch.Tensor:
+        """(B, d): the sequence-level feature at [SPE]."""
+        return self[SPE][:, 0]
 
 
 @dataclass
@@ -228,15 +273,9 @@ class UnifiedDecoder(nn.Module):
             "ffn_factory": _moe_factory(g),
         }
 
-    def pop_balance_loss(self) -> Optional[torch.Tensor]:
-        """Sum of the MoE load-balancing losses recorded since the last call (0-dim float32), or
-        None with dense FFNs / nothing recorded. Call once per training iteration."""
-        losses = [layer.ffn.pop_balance_loss() for layer in self.layers if hasattr(layer.ffn, "pop_balance_loss")]
-        losses = [loss for loss in losses if loss is not None]
-        return torch.stack(losses).sum() if losses else None
-
     def with_spe(self, batch: TokenBatch) -> TokenBatch:
-        """Return a new batch with ``[SPE]`` as token 0 (tokens (B, T+1, d)); prefix_length grows by 1."""
+        """Return a new batch with ``[SPE]`` as token 0 (tokens (B, T+1, d)); prefix_length grows
+        by 1, the segments shift by 1 and the segment ``"spe"`` names position 0."""
         B = batch.tokens.shape[0]
         spe = self.spe.to(batch.tokens.dtype).expand(B, 1, -1)
         pad = torch.zeros(B, 1, dtype=torch.bool, device=batch.padding_mask.device)
@@ -244,46 +283,54 @@ class UnifiedDecoder(nn.Module):
         if attributes is not None:
             attributes = torch.cat([attributes[:, :1], attributes], dim=1)
         prefix = None if batch.prefix_length is None else batch.prefix_length + 1
+        segments = {SPE: slice(0, 1)}
+        segments.update({name: slice(part.start + 1, part.stop + 1) for name, part in batch.segments.items()})
         return TokenBatch(
             tokens=torch.cat([spe, batch.tokens], dim=1),
             padding_mask=torch.cat([pad, batch.padding_mask], dim=1),
             attributes=attributes,
             attention=batch.attention,
             prefix_length=prefix,
+            segments=segments,
         )
 
-    def forward(self, batch: TokenBatch, outputs: Optional[slice] = None) -> torch.Tensor:
-        """Encode a token batch.
+    def forward(self, batch: TokenBatch, read: Optional[Sequence[str]] = None) -> "DecoderOutput":
+        """Encode a token batch (paper §4.3, Eq. 6).
 
         Args:
-            batch: TokenBatch WITHOUT ``[SPE]``: tokens (B, T, d) float, padding_mask (B, T) bool.
-            outputs: the positions (of the T + 1, ``[SPE]`` at 0) the caller reads, as a slice
-                with step 1, e.g. ``slice(0, 1)`` for ``[SPE]``; None for all. In eval mode the
-                last layer then computes only those positions (queries over every key): the
-                same values for a fraction of its cost. In training every layer runs in full,
-                so the MoE load-balancing loss still sees every token.
+            batch: TokenBatch WITHOUT ``[SPE]``: tokens (B, T, d) float, padding_mask (B, T) bool,
+                named ``segments``.
+            read: the segments the caller reads (``"spe"`` and names of ``batch.segments``);
+                None = all. In eval mode the last layer computes only the positions from the
+                first to the last read segment (queries over every key): the same values for a
+                fraction of its cost. In training every layer runs in full, so the MoE
+                load-balancing loss sees every token.
 
         Returns:
-            (B, T + 1, d) float: position 0 is ``[SPE]``, position i + 1 is input token i; with
-            ``outputs``, ``out[:, outputs]`` of that.
+            DecoderOutput: the features of the read span, its named segments and the MoE
+            load-balancing loss summed over layers (None with dense FFNs).
 
         Raises:
-            ValueError: a token width other than d, or ``outputs`` not a slice with step 1.
+            ValueError: a token width other than d; a name in ``read`` that is not a segment.
         """
         if batch.tokens.shape[-1] != self.embed_dim:
             raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
-        if outputs is not None and (not isinstance(outputs, slice) or outputs.step not in (None, 1)):
-            raise ValueError(f"outputs must be a slice with step 1 (or None), got {outputs!r}")
         batch = self.with_spe(batch)
+        span = _span(batch.segments, read, batch.tokens.shape[1])
         mask = build_attention_mask(batch)
         x = self.input_dropout(self.input_norm(batch.tokens))
         last = len(self.layers) - 1
+        aux = []
         for i, layer in enumerate(self.layers):
-            rows = outputs if i == last and not self.training else None
-            x = layer(x, mask, batch.attributes, rows)
-        if outputs is not None and (self.training or not self.layers):
-            x = x[:, outputs]
-        return x
+            rows = span if i == last and not self.training else None
+            x, loss = layer(x, mask, batch.attributes, rows)
+            if loss is not None:
+                aux.append(loss)
+        if self.training or not self.layers:
+            x = x[:, span]
+        segments = {name: slice(part.start - span.start, part.stop - span.start)
+                    for name, part in batch.segments.items() if span.start <= part.start and part.stop <= span.stop}
+        return DecoderOutput(x, segments, torch.stack(aux).sum() if aux else None)
 
     @torch.no_grad()
     def prefill(self, batch: TokenBatch) -> DecoderCache:
@@ -291,7 +338,7 @@ class UnifiedDecoder(nn.Module):
         (captioning inference, paper §4.3).
 
         The prefix attends within itself (bidirectionally, padding masked), as the prefix of a
-        PREFIX_CAUSAL sequence does, so tokens appended later with ``extend`` get the same
+        CAUSAL sequence does, so tokens appended later with ``extend`` get the same
         features as ``forward`` over the whole prefix-causal sequence (up to float rounding).
 
         Args:
@@ -313,11 +360,10 @@ class UnifiedDecoder(nn.Module):
         if tuple(batch.padding_mask.shape) != tuple(batch.tokens.shape[:2]):
             raise ValueError(f"prefill: padding_mask must be (B, T) = {tuple(batch.tokens.shape[:2])}, got "
                              f"{tuple(batch.padding_mask.shape)}")
-        if batch.attention is not AttentionKind.BIDIRECTIONAL:
+        if batch.attention is not TokenAttention.BIDIRECTIONAL:
             raise ValueError(f"prefill: the prefix attends bidirectionally within itself; got a {batch.attention} "
                              "batch (append causal tokens with extend instead)")
         batch = self.with_spe(batch)
-        batch = TokenBatch(batch.tokens, batch.padding_mask, batch.attributes, AttentionKind.BIDIRECTIONAL)
         mask = build_attention_mask(batch)
         x = self.input_norm(batch.tokens)
         layers = []

@@ -32,10 +32,10 @@ def test_class_loss_only_on_matched_and_kept_tokens():
     emb = torch.randn(3, 8)
     targets = [type("T", (), {"labels": torch.tensor([1, 0])})()]
     matches = [(torch.tensor([2, 9]), torch.tensor([1, 0]))]  # proposal 9 was not kept
-    loss = task.losses(feats, regional_index, emb, lik, matches, targets)["loss_class"]
+    loss = task.class_loss(feats, regional_index, emb, lik, matches, targets)["loss_class"]
     expected = Likelihood.loss(lik(feats[0, 1:2], emb), torch.tensor([0]), 2.0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    empty = task.losses(feats, regional_index, emb, lik, [(torch.zeros(0, dtype=torch.long),) * 2], targets)
+    empty = task.class_loss(feats, regional_index, emb, lik, [(torch.zeros(0, dtype=torch.long),) * 2], targets)
     assert empty["loss_class"].item() == 0.0 and empty["loss_class"].requires_grad
 
 
@@ -47,7 +47,7 @@ def test_postprocess_scores_boxes_and_masks_in_original_pixels():
     boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
     masks = torch.full((1, 2, 16, 16), -10.0)
     masks[0, 1, :8, :8] = 10.0
-    (out,) = task.postprocess(logits, objectness, boxes, masks, images, [{"height": 128, "width": 96}])
+    (out,) = task.detections(logits, objectness, boxes, masks, images, [{"height": 128, "width": 96}])
     inst = out["instances"]
     assert inst.image_size == (128, 96)
     assert inst.pred_classes.tolist() == [2, 0]

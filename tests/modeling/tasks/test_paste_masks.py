@@ -200,7 +200,7 @@ def test_postprocess_masks_are_paste_masks():
     objectness = torch.randn(2, r, generator=g)
     boxes = torch.rand(2, r, 4, generator=g) * 0.5 + 0.25
     masks = torch.randn(2, r, *LOGITS_HW, generator=g)
-    outs = task.postprocess(logits, objectness, boxes, masks, images,
+    outs = task.detections(logits, objectness, boxes, masks, images,
                             [{"height": 37, "width": 61}, {}])  # the second keeps its resized size
     scores = objectness.sigmoid()[..., None] * logits.softmax(-1)
     for i, (out, hw) in enumerate(zip(outs, [(37, 61), (64, 40)])):

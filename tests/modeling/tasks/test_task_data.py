@@ -118,14 +118,17 @@ def test_vocabulary_cache_keys_on_the_exact_ids(shapes_datasets):
 
     torch.manual_seed(0)
     cfg = tiny_cfg("captioning", "test_shapes_caption_train", "test_shapes_caption_val")
+    from up2.modeling.target_set import TargetCache
+
     model = build_model(resolve_task_data(cfg)).eval()
+    model.target_cache = TargetCache()  # as prepare_for_inference sets it
     a_ids, b_ids = torch.tensor([1001, 1004, 1006]), torch.tensor([1002, 1003, 1006])
     assert (len(a_ids), int(a_ids.sum()), int(a_ids[-1])) == (len(b_ids), int(b_ids.sum()), int(b_ids[-1]))
     with torch.no_grad():
-        a = VocabularyTargets(a_ids).embed(model, TaskFamily.CAPTIONING)
-        b = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING)  # would be a's cache entry if keyed loosely
+        a = VocabularyTargets(a_ids).embed(model, TaskFamily.CAPTIONING).embeddings
+        b = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING).embeddings  # a's entry if keyed loosely
         model.target_cache.clear()
-        b_fresh = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING)
+        b_fresh = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING).embeddings
     torch.testing.assert_close(b, b_fresh)
     assert (a[:2] - b[:2]).abs().max() > 1e-3  # other tokens, other embeddings
 

@@ -14,16 +14,11 @@ from fvcore.common.registry import Registry
 
 __all__ = [
     "TASK_REGISTRY", "TaskSpec", "register_task", "task_specs_from_config", "default_task_name",
-    "implicit_default_task", "check_class_names", "TASK_KEYS", "LOCALIZATION_TYPES",
+    "implicit_default_task", "check_class_names", "TASK_KEYS",
 ]
 
 TASK_REGISTRY = Registry("UP2_TASK")
 TASK_REGISTRY.__doc__ = "Task adapters of UniPerceiverV2, keyed by cfg.TASKS.<NAME>.TYPE."
-
-# Tasks whose predictions are boxes / masks (paper §4.1 "tasks with localization").
-LOCALIZATION_TYPES = ("detection", "instance_segmentation")
-_NEEDS_CLASSES = LOCALIZATION_TYPES + ("classification",)
-_HAS_VOCABULARY = ("captioning", "masked_lm")
 
 # Every key a task node may have (cfg.TASKS.<NAME>.<KEY>); anything else is a typo.
 TASK_KEYS = {
@@ -88,12 +83,17 @@ class TaskSpec:
     gather_features: bool = True
 
     @property
+    def task_class(self) -> type:
+        """The registered task class of ``type`` (``up2.modeling.tasks.task.Task``)."""
+        return TASK_REGISTRY.get(self.type)
+
+    @property
     def needs_class_names(self) -> bool:
-        return self.type in _NEEDS_CLASSES
+        return self.task_class.needs_class_names
 
     @property
     def needs_vocabulary_ids(self) -> bool:
-        return self.type in _HAS_VOCABULARY and self.vocabulary == "dataset"
+        return self.task_class.has_vocabulary and self.vocabulary == "dataset"
 
     @property
     def resolved(self) -> bool:
@@ -221,5 +221,5 @@ def implicit_default_task(specs: Dict[str, TaskSpec]) -> Optional[str]:
     task, else None (ambiguous)."""
     if len(specs) == 1:
         return next(iter(specs))
-    localization = [n for n, s in specs.items() if s.type in LOCALIZATION_TYPES]
+    localization = [n for n, s in specs.items() if s.task_class.localization]
     return localization[0] if len(localization) == 1 else None

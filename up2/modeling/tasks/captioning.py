@@ -16,23 +16,34 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.data.mappers import ImageTextDatasetMapper
+from up2.evaluation import CaptioningEvaluator
+from up2.modeling.target_set import TargetEmbeddings
+from up2.modeling.tasks.base import register_task
+from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
-from up2.structures import AttentionKind, TokenBatch
+from up2.structures import TokenBatch
 
-__all__ = ["CaptioningTask"]
+__all__ = ["CaptioningTask", "TEXT_SEGMENT"]
+
+TEXT_SEGMENT = "text"  # the caption tokens of the token batch
 
 
 @register_task("captioning")
-class CaptioningTask:
-    """Inputs: image-text mapper dicts ("image"; "caption" (str) in training). Eval output per
-    image: {"caption": str, "caption_ids": (t,) int64 token ids without specials}."""
+class CaptioningTask(Task):
+    """Inputs: image-text mapper dicts ("image"; "caption" (str) in training). Options
+    (inference): ``beam_size`` / ``max_length``, None = the config's BEAM_SIZE /
+    MAX_CAPTION_LENGTH. Training loss {"loss_caption"}; eval output per image: {"caption": str,
+    "caption_ids": (t,) int64 token ids without specials}."""
 
     family = TaskFamily.CAPTIONING
+    reads = (TEXT_SEGMENT,)
+    options = ("beam_size", "max_length")
+    has_vocabulary = True
 
-    def __init__(self, spec: TaskSpec, **_):
-        self.spec = spec
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self._vocab: Optional[VocabularyTargets] = None
 
     def vocabulary(self, text_encoder) -> VocabularyTargets:
@@ -50,42 +61,55 @@ class CaptioningTask:
             tokens=torch.cat([image_batch.tokens, text_feats.to(image_batch.tokens.dtype)], dim=1),
             padding_mask=torch.cat([image_batch.padding_mask, text_pad], dim=1),
             attributes=torch.cat([image_batch.attributes, text_attr.to(image_batch.attributes.dtype)], dim=1),
-            attention=AttentionKind.PREFIX_CAUSAL,
+            attention=TokenAttention.CAUSAL,
             prefix_length=torch.full((B,), Ti, dtype=torch.long, device=text_pad.device),
+            segments={**image_batch.segments, TEXT_SEGMENT: slice(Ti, Ti + T)},
         )
 
-    def __call__(self, model, batched_inputs: Sequence[dict], beam_size: Optional[int] = None,
-                 max_length: Optional[int] = None):
-        """beam_size / max_length: None = the config's BEAM_SIZE / MAX_CAPTION_LENGTH.
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
+        """Training: image tokens ++ the caption's tokens but the last (teacher forcing), labels
+        (B, T-1) the next tokens; inference: the image tokens (``predict`` decodes).
 
-        Raises: KeyError for a training input without "caption"; ValueError for an empty caption,
-        or (at inference) a beam_size / max_length that is not an int >= 1 (bool and float too)."""
+        Raises: KeyError for a training input without "caption"; ValueError for an empty caption."""
         enc = model.encode_image(batched_inputs, self.family)
-        vocab = self.vocabulary(model.text_encoder)
-        targets = vocab.embed(model, self.family)  # (V, d)
-        if model.training:
-            captions = []
-            for i, d in enumerate(batched_inputs):
-                if "caption" not in d:
-                    raise KeyError(f"captioning input {i} ({d.get('file_name', '?')}) has no 'caption'")
-                if not d["caption"].strip():
-                    raise ValueError(f"captioning input {i} (image_id {d.get('image_id')}) has an empty caption")
-                captions.append(d["caption"])
-            tok = model.text_encoder.tokenize(captions)
-            ids = tok["input_ids"].to(model.device)
-            keep = tok["attention_mask"].to(model.device).bool()
-            inputs, labels = ids[:, :-1], ids[:, 1:].masked_fill(~keep[:, 1:], IGNORE)
-            seq = self._sequence(enc.tokens.batch, model.text_encoder.embed_tokens(inputs), ~keep[:, :-1])
-            Ti = enc.tokens.batch.padding_mask.shape[1]
-            out = model.unified_decoder(seq)[:, 1 + Ti :]  # (B, T-1, d)
-            logits = model.likelihood(out, targets)
-            target = vocab.index_of(labels, model.text_encoder)
-            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
-            return {"loss_caption": self.spec.loss_weight * loss}
-        # None = the config's value; 0 or a negative value is an error (raised by generate), not the default
-        return self.generate(model, enc.tokens.batch, vocab, targets,
+        if not model.training:
+            return TaskInputs(batch=enc.tokens.batch, image=enc)
+        captions = []
+        for i, d in enumerate(batched_inputs):
+            if "caption" not in d:
+                raise KeyError(f"captioning input {i} ({d.get('file_name', '?')}) has no 'caption'")
+            if not d["caption"].strip():
+                raise ValueError(f"captioning input {i} (image_id {d.get('image_id')}) has an empty caption")
+            captions.append(d["caption"])
+        tok = model.text_encoder.tokenize(captions)
+        ids = tok["input_ids"].to(model.device)
+        keep = tok["attention_mask"].to(model.device).bool()
+        inputs, labels = ids[:, :-1], ids[:, 1:].masked_fill(~keep[:, 1:], IGNORE)
+        seq = self._sequence(enc.tokens.batch, model.text_encoder.embed_tokens(inputs), ~keep[:, :-1])
+        return TaskInputs(batch=seq, image=enc, labels=labels)
+
+    def encode_targets(self, model, batched_inputs, inputs, **options) -> TargetEmbeddings:
+        return self.vocabulary(model.text_encoder).embed(model, self.family)  # (V, d)
+
+    def losses(self, model, outputs, targets, inputs, batched_inputs):
+        logits = model.likelihood(outputs[TEXT_SEGMENT], targets.embeddings)  # (B, T-1, V)
+        target = self.vocabulary(model.text_encoder).index_of(inputs.labels, model.text_encoder)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+        return {"loss_caption": self.spec.loss_weight * loss}
+
+    def predict(self, model, inputs, targets, batched_inputs, beam_size: Optional[int] = None,
+                max_length: Optional[int] = None) -> List[dict]:
+        """Raises: ValueError for a beam_size / max_length that is not an int >= 1 (bool and float
+        too); None = the config's value, 0 or a negative value is an error, not the default."""
+        return self.generate(model, inputs.batch, self.vocabulary(model.text_encoder), targets.embeddings,
                              self.spec.beam_size if beam_size is None else beam_size,
                              self.spec.max_caption_length if max_length is None else max_length)
+
+    def build_mapper(self, cfg, is_train: bool):
+        return ImageTextDatasetMapper(cfg, is_train=is_train)
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        return CaptioningEvaluator.from_dataset(dataset_name, output_dir=output_dir)
 
     @torch.no_grad()
     def generate(self, model, image_batch: TokenBatch, vocab: VocabularyTargets, targets: torch.Tensor,

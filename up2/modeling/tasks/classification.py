@@ -11,42 +11,54 @@ from typing import Optional, Sequence
 
 import torch
 
-from up2.modeling.tasks.base import TaskSpec, check_class_names, register_task
+from up2.data.mappers import ClassificationDatasetMapper
+from up2.evaluation import ClassificationEvaluator
+from up2.modeling.tasks.base import check_class_names, register_task
+from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
-from up2.modeling.unified_decoder import SPE_POSITION
+from up2.modeling.unified_decoder import SPE
 
 __all__ = ["ClassificationTask"]
 
 
 @register_task("classification")
-class ClassificationTask:
+class ClassificationTask(Task):
     """Inputs: mapper dicts with "image" (3, H, W) uint8 and, in training, "class_id" (int,
-    contiguous). Eval output per image: {"pred_class_scores": (C,) float32 probabilities,
-    "pred_class": int}."""
+    contiguous). Option: ``class_names`` (inference only; replaces the training classes: open
+    vocabulary). Training loss {"loss_cls"}; eval output per image: {"pred_class_scores": (C,)
+    float32 probabilities, "pred_class": int}."""
 
     family = TaskFamily.CLASSIFICATION
+    reads = (SPE,)
+    options = ("class_names",)
+    needs_class_names = True
 
-    def __init__(self, spec: TaskSpec, **_):
-        self.spec = spec
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
+        enc = model.encode_image(batched_inputs, self.family)
+        return TaskInputs(batch=enc.tokens.batch, image=enc)
 
-    def __call__(self, model, batched_inputs: Sequence[dict], class_names: Optional[Sequence[str]] = None):
-        """Args: model (the task interface of UniPerceiverV2), batched_inputs, class_names
-        (inference only; replaces the training classes: open vocabulary).
-
-        Raises:
-            ValueError: empty ``class_names``, a single string, an empty or repeated name; KeyError: a training input without "class_id".
-        """
+    def encode_targets(self, model, batched_inputs, inputs, class_names: Optional[Sequence[str]] = None):
+        """Raises: ValueError for an empty ``class_names``, a single string, an empty or repeated name."""
         names = self.spec.class_names if class_names is None else check_class_names(class_names)
         if len(names) == 0:
             raise ValueError("class_names is empty: give at least one class name")
-        enc = model.encode_image(batched_inputs, self.family)
-        x = model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0]  # (N, d) at [SPE]
-        logits = model.likelihood(x, model.embed_targets(names, self.family))  # (N, C)
-        if model.training:
-            target = torch.tensor([_class_id(d, i) for i, d in enumerate(batched_inputs)], device=logits.device)
-            return {"loss_cls": model.likelihood.loss(logits, target, self.spec.loss_weight)}
-        probs = logits.softmax(-1)
+        return model.embed_texts(names, self.family)
+
+    def losses(self, model, outputs, targets, inputs, batched_inputs):
+        """Raises: KeyError for a training input without "class_id"."""
+        logits = model.likelihood(outputs.spe, targets.embeddings)  # (N, C)
+        target = torch.tensor([_class_id(d, i) for i, d in enumerate(batched_inputs)], device=logits.device)
+        return {"loss_cls": model.likelihood.loss(logits, target, self.spec.loss_weight)}
+
+    def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):
+        probs = model.likelihood(outputs.spe, targets.embeddings).softmax(-1)
         return [{"pred_class_scores": p, "pred_class": int(p.argmax())} for p in probs]
+
+    def build_mapper(self, cfg, is_train: bool):
+        return ClassificationDatasetMapper(cfg, is_train=is_train)
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        return ClassificationEvaluator()
 
 
 def _class_id(d: dict, i: int) -> int:

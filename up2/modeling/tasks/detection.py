@@ -17,9 +17,14 @@ import torch
 from detectron2.structures import Boxes, ImageList, Instances
 from torchvision.ops import box_convert
 
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+
+from up2.data.mappers import DetectionDatasetMapper
 from up2.layers.paste_masks import paste_masks
-from up2.modeling.image_encoder import gather_proposals
-from up2.modeling.tasks.base import TaskSpec, check_class_names, register_task
+from up2.modeling.image_encoder import REGIONAL_SEGMENT, gather_proposals
+from up2.modeling.tasks.base import check_class_names, register_task
+from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
 from up2.structures import ProposalTargets
 
@@ -62,50 +67,46 @@ def instances_to_targets(batched_inputs: Sequence[dict], images: ImageList, with
 
 
 @register_task("detection")
-class DetectionTask:
-    """Box detection (masks are not supervised, boxes still come from the proposals)."""
+class DetectionTask(Task):
+    """Box detection (masks are not supervised, boxes still come from the proposals).
+
+    Inputs: detection mapper dicts ("image", "height", "width"; "instances" in training).
+    Option: ``class_names`` (inference only) replaces the training class names (open vocabulary).
+    Training losses: the proposal losses + {"loss_class"}; eval: [{"instances": Instances}].
+    """
 
     with_masks = False
-
     family = TaskFamily.LOCALIZATION
+    reads = (REGIONAL_SEGMENT,)
+    options = ("class_names",)
+    localization = True
+    needs_class_names = True
+    test_batch_size = 1
 
-    def __init__(self, spec: TaskSpec, test_topk: int = 100):
-        self.spec = spec
-        self.test_topk = test_topk
-
-    def __call__(self, model, batched_inputs: Sequence[dict], class_names: Optional[Sequence[str]] = None):
-        """Run the task on a batch.
-
-        Args:
-            model: the UniPerceiverV2 (its task interface).
-            batched_inputs: detection mapper dicts ("image", "height", "width"; "instances" in training).
-            class_names: inference only: replaces the training class names (open vocabulary).
-
-        Returns:
-            training: proposal losses + {"loss_class"}; eval: [{"instances": Instances}].
-
-        Raises:
-            ValueError: an empty ``class_names``, a single string, an empty or repeated name.
-        """
-        names = self.spec.class_names if class_names is None else check_class_names(class_names)
-        if len(names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
         enc = model.encode_image(
             batched_inputs, self.family, lambda images: instances_to_targets(batched_inputs, images, self.with_masks)
         )
+        return TaskInputs(batch=enc.tokens.batch, image=enc, losses=dict(enc.proposal_losses))
+
+    def encode_targets(self, model, batched_inputs, inputs, class_names: Optional[Sequence[str]] = None):
+        """Raises: ValueError for an empty ``class_names``, a single string, an empty or repeated name."""
+        names = self.spec.class_names if class_names is None else check_class_names(class_names)
+        if len(names) == 0:
+            raise ValueError("class_names is empty: give at least one class name")
+        return model.embed_texts(names, self.family)
+
+    def losses(self, model, outputs, targets, inputs, batched_inputs):
+        enc = inputs.image
+        return self.class_loss(outputs[REGIONAL_SEGMENT], enc.tokens.regional_index, targets.embeddings,
+                               model.likelihood, enc.proposals.matches, enc.targets)
+
+    def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):
+        enc = inputs.image
         tokens = enc.tokens
-        start = 1 + tokens.regional_start  # [SPE] comes first
-        region = model.unified_decoder(tokens.batch, outputs=slice(start, start + tokens.regional_index.shape[1]))
-        class_emb = model.embed_targets(names, self.family)
-        if model.training:
-            losses = dict(enc.proposal_losses)
-            losses.update(
-                self.losses(region, tokens.regional_index, class_emb, model.likelihood, enc.proposals.matches, enc.targets)
-            )
-            return losses
         idx = tokens.regional_index
-        return self.postprocess(
-            model.likelihood(region, class_emb),
+        return self.detections(
+            model.likelihood(outputs[REGIONAL_SEGMENT], targets.embeddings),
             gather_proposals(enc.proposals.objectness, idx),
             gather_proposals(enc.proposals.boxes, idx),
             tokens.regional_masks if tokens.regional_masks is not None else enc.proposals.masks_of(idx),
@@ -113,7 +114,25 @@ class DetectionTask:
             batched_inputs,
         )
 
-    def losses(
+    def build_mapper(self, cfg, is_train: bool):
+        return DetectionDatasetMapper(cfg, is_train=is_train, use_instance_mask=self.with_masks)
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        kinds = ("bbox", "segm") if self.with_masks else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=kinds, distributed=True, output_dir=output_dir)
+
+    def log_batch(self, batch: Sequence[dict], storage) -> None:
+        """``<task>/gt_instances_min`` / ``_max``: ground-truth instances in one rank's batch
+        (int), min / max over ranks. A min of 0 with a max > 0 marks an iteration where a rank
+        trained on images without annotations while others had some (such a rank must give the
+        same loss keys). Called on every rank (one small gather)."""
+        n = sum(len(x["instances"]) for x in batch if isinstance(x, dict) and "instances" in x)
+        counts = comm.gather(n)
+        if comm.is_main_process():
+            storage.put_scalar(f"{self.spec.name}/gt_instances_min", min(counts), smoothing_hint=False)
+            storage.put_scalar(f"{self.spec.name}/gt_instances_max", max(counts), smoothing_hint=False)
+
+    def class_loss(
         self,
         region_features: torch.Tensor,
         regional_index: torch.Tensor,
@@ -156,7 +175,7 @@ class DetectionTask:
         # keep every class embedding in the graph even when nothing matched (DDP-safe)
         return {"loss_class": loss + 0.0 * class_embeddings.sum()}
 
-    def postprocess(
+    def detections(
         self,
         region_logits: torch.Tensor,
         objectness: torch.Tensor,

@@ -14,7 +14,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from up2.modeling.tasks.base import TaskSpec, register_task
+from up2.data.mappers import TextDatasetMapper
+from up2.evaluation import MaskedLMEvaluator
+from up2.modeling.target_set import TargetEmbeddings
+from up2.modeling.tasks.base import register_task
+from up2.modeling.tasks.captioning import TEXT_SEGMENT
+from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.structures import TokenBatch
@@ -59,15 +64,18 @@ def mask_tokens(
 
 
 @register_task("masked_lm")
-class MaskedLMTask:
-    """Inputs: text mapper dicts {"text": str}. Eval output per text: {"mlm_predictions": (T,)
-    int64 predicted token ids at masked positions (-100 elsewhere), "mlm_labels": (T,) int64}."""
+class MaskedLMTask(Task):
+    """Inputs: text mapper dicts {"text": str}. Training loss {"loss_mlm"}; eval output per text:
+    {"mlm_predictions": (T,) int64 predicted token ids at masked positions (-100 elsewhere),
+    "mlm_labels": (T,) int64}."""
 
     family = TaskFamily.MLM
+    reads = (TEXT_SEGMENT,)
+    has_vocabulary = True
+    mask_prob = 0.15
 
-    def __init__(self, spec: TaskSpec, mask_prob: float = 0.15, **_):
-        self.spec = spec
-        self.mask_prob = mask_prob
+    def __init__(self, spec, **kwargs):
+        super().__init__(spec, **kwargs)
         self._vocab: Optional[VocabularyTargets] = None
 
     def vocabulary(self, text_encoder) -> VocabularyTargets:
@@ -75,8 +83,11 @@ class MaskedLMTask:
             self._vocab = VocabularyTargets.for_task(self.spec, text_encoder)
         return self._vocab
 
-    def __call__(self, model, batched_inputs: Sequence[dict]):
-        """Raises: KeyError for an input without "text"; ValueError when the tokenizer has no mask token."""
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
+        """The masked texts through f_text; labels (B, T) the original ids at the chosen
+        positions. Evaluation masks with a fixed seed.
+
+        Raises: KeyError for an input without "text"; ValueError when the tokenizer has no mask token."""
         te = model.text_encoder
         sp = te.special_ids
         if sp.mask is None:
@@ -90,23 +101,38 @@ class MaskedLMTask:
         ids = tok["input_ids"].to(model.device)
         keep = tok["attention_mask"].to(model.device).bool()
         maskable = keep & (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
-        vocab = self.vocabulary(te)
-        pool = vocab.resolve(te)
+        pool = self.vocabulary(te).resolve(te)
         generator = None if model.training else torch.Generator().manual_seed(0)
         masked, labels = mask_tokens(ids, maskable, sp.mask, pool, self.mask_prob, generator)
         feats, pad = te(masked, keep.long())
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.INPUT,
                                          attention=TokenAttention.BIDIRECTIONAL, task=self.family,
                                          device=feats.device, dtype=feats.dtype)
-        batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
-        out = model.unified_decoder(batch, outputs=slice(1, None))  # the text tokens, without [SPE]
-        targets = vocab.embed(model, self.family)
+        batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes,
+                           segments={TEXT_SEGMENT: slice(0, pad.shape[1])})
+        return TaskInputs(batch=batch, labels=labels)
+
+    def encode_targets(self, model, batched_inputs, inputs, **options) -> TargetEmbeddings:
+        return self.vocabulary(model.text_encoder).embed(model, self.family)  # (V, d)
+
+    def losses(self, model, outputs, targets, inputs, batched_inputs):
+        chosen = inputs.labels != IGNORE
+        logits = model.likelihood(outputs[TEXT_SEGMENT][chosen], targets.embeddings)  # (M, V)
+        target = self.vocabulary(model.text_encoder).index_of(inputs.labels[chosen], model.text_encoder)
+        loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if len(target) else logits.sum() * 0.0
+        return {"loss_mlm": self.spec.loss_weight * loss}
+
+    def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):
+        labels = inputs.labels
         chosen = labels != IGNORE
-        logits = model.likelihood(out[chosen], targets)  # (M, V)
-        if model.training:
-            target = vocab.index_of(labels[chosen], te)
-            loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if len(target) else logits.sum() * 0.0
-            return {"loss_mlm": self.spec.loss_weight * loss}
+        logits = model.likelihood(outputs[TEXT_SEGMENT][chosen], targets.embeddings)  # (M, V)
         pred = torch.full_like(labels, IGNORE)
-        pred[chosen] = pool[logits.argmax(-1)]
+        pred[chosen] = self.vocabulary(model.text_encoder).resolve(model.text_encoder)[logits.argmax(-1)]
+        keep = ~inputs.batch.padding_mask
         return [{"mlm_predictions": p[k], "mlm_labels": lab[k]} for p, lab, k in zip(pred, labels, keep)]
+
+    def build_mapper(self, cfg, is_train: bool):
+        return TextDatasetMapper(cfg, is_train=is_train)
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        return MaskedLMEvaluator()

@@ -9,16 +9,19 @@ ranks are gathered WITH gradient, so the negatives are the global batch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from up2.modeling.tasks.base import TaskSpec, register_task
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
-from up2.modeling.unified_decoder import SPE_POSITION
-from up2.structures import TokenBatch
+from up2.data.mappers import ImageTextDatasetMapper
+from up2.evaluation import RetrievalEvaluator
+from up2.modeling.target_set import TargetEmbeddings
+from up2.modeling.tasks.base import register_task
+from up2.modeling.tasks.task import Task, TaskInputs
+from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.unified_decoder import SPE
 
 __all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
 
@@ -66,42 +69,61 @@ def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: boo
 
 
 @register_task("retrieval")
-class RetrievalTask:
+class RetrievalTask(Task):
     """Inputs: image-text mapper dicts ("image"; "caption" (str) in training; "captions" (list of
-    str) at evaluation). Eval output per image: {"image_embedding": (d,), "text_embeddings":
-    (n_i, d)} for ``up2.evaluation.RetrievalEvaluator``."""
+    str) at evaluation). The captions are the targets: each through f_text and g, read at [SPE].
+    Training loss {"loss_retrieval"}; eval output per image: {"image_embedding": (d,),
+    "text_embeddings": (n_i, d)} for ``up2.evaluation.RetrievalEvaluator``."""
 
     family = TaskFamily.RETRIEVAL
+    reads = (SPE,)
 
-    def __init__(self, spec: TaskSpec, **_):
-        self.spec = spec
-        self.gather = spec.gather_features
-
-    def encode_texts(self, model, texts: Sequence[str]) -> torch.Tensor:
-        """(B, d) caption features at [SPE] (text, target role, bidirectional)."""
-        feats, pad = model.text_encoder.encode(list(texts))
-        attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.TARGET,
-                                         attention=TokenAttention.BIDIRECTIONAL, task=self.family,
-                                         device=feats.device, dtype=feats.dtype)
-        batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
-        return model.unified_decoder(batch, outputs=SPE_POSITION)[:, 0]
-
-    def __call__(self, model, batched_inputs: Sequence[dict]):
-        """Raises: KeyError for an input without "caption" (training) / "captions" (eval);
-        ValueError for an empty caption list."""
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
         enc = model.encode_image(batched_inputs, self.family)
-        img = model.unified_decoder(enc.tokens.batch, outputs=SPE_POSITION)[:, 0]  # (N, d)
+        return TaskInputs(batch=enc.tokens.batch, image=enc)
+
+    def encode_targets(self, model, batched_inputs, inputs) -> TargetEmbeddings:
+        """Training: the caption of each image (N, d); eval: every caption of every image, in
+        order (sum n_i, d).
+
+        Raises: KeyError for an input without "caption" (training) / "captions" (eval);
+        ValueError for an empty caption list."""
+        return self.embed_texts(model, self._captions(model, batched_inputs))
+
+    def embed_texts(self, model, texts: Sequence[str]) -> TargetEmbeddings:
+        """Texts as retrieval targets: (J, d) features at [SPE], not normalised."""
+        return model.embed_texts(texts, self.family, cache=False)
+
+    def embed_images(self, model, batched_inputs: Sequence[dict]) -> torch.Tensor:
+        """(N, d) image features at [SPE], not normalised (``GeneralistPredictor.retrieve``)."""
+        return model.unified_decoder(self.encode_inputs(model, batched_inputs).batch, read=self.reads).spe
+
+    def losses(self, model, outputs, targets, inputs, batched_inputs):
+        loss = retrieval_loss(outputs.spe, targets.embeddings, model.likelihood, self.spec.gather_features)
+        return {"loss_retrieval": self.spec.loss_weight * loss}
+
+    def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options) -> List[dict]:
+        counts = [len(d["captions"]) for d in batched_inputs]
+        texts = targets.embeddings.split(counts)
+        return [{"image_embedding": img, "text_embeddings": txt} for img, txt in zip(outputs.spe, texts)]
+
+    def build_mapper(self, cfg, is_train: bool):
+        return ImageTextDatasetMapper(cfg, is_train=is_train)
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        return RetrievalEvaluator()
+
+    @staticmethod
+    def _captions(model, batched_inputs: Sequence[dict]) -> List[str]:
         if model.training:
-            captions = [_field(d, "caption", i) for i, d in enumerate(batched_inputs)]
-            txt = self.encode_texts(model, captions)
-            return {"loss_retrieval": self.spec.loss_weight * retrieval_loss(img, txt, model.likelihood, self.gather)}
-        results = []
+            return [_field(d, "caption", i) for i, d in enumerate(batched_inputs)]
+        captions = []
         for i, d in enumerate(batched_inputs):
             caps = _field(d, "captions", i)
             if len(caps) == 0:
                 raise ValueError(f"retrieval input {i} (image_id {d.get('image_id')}) has no captions")
-            results.append({"image_embedding": img[i], "text_embeddings": self.encode_texts(model, caps)})
-        return results
+            captions.extend(caps)
+        return captions
 
 
 def _field(d: dict, key: str, i: int):

@@ -14,10 +14,9 @@ from typing import Any, Iterable, Optional, Tuple
 
 import torch
 
+from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.text_encoder import special_token_ids
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
-from up2.modeling.unified_decoder import SPE_POSITION
-from up2.structures import TokenBatch
+from up2.modeling.token_attributes import TaskFamily
 
 __all__ = ["VocabularyTargets", "vocabulary_ids_of_texts"]
 
@@ -95,26 +94,7 @@ class VocabularyTargets:
         out[valid] = self._lookup[token_ids[valid]]
         return out
 
-    def embed(self, model, family: TaskFamily, chunk: int = 4096) -> torch.Tensor:
-        """(V, d) target embeddings; cached by the model at evaluation."""
+    def embed(self, model, family: TaskFamily, chunk: int = 4096) -> TargetEmbeddings:
+        """(V, d) target embeddings (``UniPerceiverV2.embed_tokens_as_targets``)."""
         ids = self.resolve(model.text_encoder)
-
-        def compute():
-            outs = []
-            for start in range(0, len(ids), chunk):
-                part = ids[start : start + chunk, None]  # (v, 1)
-                feats = model.text_encoder.embed_tokens(part)
-                pad = torch.zeros(part.shape, dtype=torch.bool, device=part.device)
-                attributes = constant_attributes(*part.shape, modality=Modality.TEXT, role=Role.TARGET,
-                                                 attention=TokenAttention.BIDIRECTIONAL, task=family,
-                                                 device=feats.device, dtype=feats.dtype)
-                batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes)
-                outs.append(model.unified_decoder(batch, outputs=SPE_POSITION)[:, 0])
-            return torch.cat(outs)
-
-        if model.training:
-            return compute()
-        device = ids.device.type
-        precision = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-        key = ("vocabulary", family.value, str(precision), self._key or ("full", len(ids)))
-        return model.target_cache.get(key, model.text_parameters(), compute)
+        return model.embed_tokens_as_targets(ids, family, self._key or ("full", len(ids)), chunk)

@@ -1,0 +1,126 @@
+"""The task interface: everything one task type owns (paper §4.3, Fig. 2).
+
+A task turns its inputs into a token batch for g, its targets into embeddings, and g's output
+into losses (training) or results (inference); it also names its dataset mapper, its
+evaluator and its test batch size, so the trainer, the multi-task step and the predictor hold
+no switch on task types. The meta-architecture runs the steps in the order of Fig. 2
+(``UniPerceiverV2.forward``).
+
+Adding a task adds one file: subclass :class:`Task`, decorate it with
+``@register_task("<type>")`` and name that type in ``cfg.TASKS.<NAME>.TYPE``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from up2.modeling.target_set import TargetEmbeddings
+from up2.modeling.tasks.base import TaskSpec
+from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.unified_decoder import DecoderOutput
+from up2.structures import TokenBatch
+
+__all__ = ["Task", "TaskInputs"]
+
+
+@dataclass
+class TaskInputs:
+    """A task's inputs as g takes them.
+
+    Attributes:
+        batch: the token batch x (paper Eq. 5), with named segments.
+        image: the image encoding (``up2.modeling.meta_arch.ImageEncoding``) for image tasks,
+            else None.
+        labels: (B, T) int64 token labels of text tasks (-100 where unsupervised), else None.
+        losses: losses computed while encoding (the proposal network's), {} otherwise.
+    """
+
+    batch: TokenBatch
+    image: Optional[Any] = None
+    labels: Optional[torch.Tensor] = None
+    losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Task:
+    """One task type (paper §4.3). Subclasses set the class attributes and implement
+    :meth:`encode_inputs`, :meth:`encode_targets`, :meth:`losses`, :meth:`postprocess`,
+    :meth:`build_mapper` and :meth:`build_evaluator`.
+
+    Class attributes:
+        family: the task family (MoE routing attribute of every token of the task).
+        reads: the segments of g's output the task reads (``unified_decoder.SPE`` and the token
+            batch's segment names).
+        options: keyword options ``model(inputs, task=..., **options)`` accepts at inference.
+        localization: predictions are boxes / masks (training drops images without
+            annotations when DATALOADER.FILTER_EMPTY_ANNOTATIONS and groups aspect ratios; the
+            default task when it is the only such task).
+        needs_class_names: the task's targets are class names (resolved from the datasets).
+        has_vocabulary: the targets are the text encoder's vocabulary (``TaskSpec.vocabulary``).
+        test_batch_size: images (or texts) per batch at evaluation.
+    """
+
+    family: TaskFamily
+    reads: Tuple[str, ...] = ()
+    options: Tuple[str, ...] = ()
+    localization = False
+    needs_class_names = False
+    has_vocabulary = False
+    test_batch_size = 8
+
+    def __init__(self, spec: TaskSpec, test_topk: int = 100):
+        """
+        Args:
+            spec: the task's config (``cfg.TASKS.<NAME>``).
+            test_topk: detections kept per image at inference (localization tasks).
+        """
+        self.spec = spec
+        self.test_topk = test_topk
+
+    # ------------------------------------------------------------------ model (paper Fig. 2)
+    def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
+        """Images / texts -> the token batch x (f_image, f_text)."""
+        raise NotImplementedError
+
+    def encode_targets(self, model, batched_inputs: Sequence[dict], inputs: TaskInputs,
+                       **options) -> TargetEmbeddings:
+        """The target set Y -> (C, d) embeddings g(f_text(y)) (paper Eq. 6)."""
+        raise NotImplementedError
+
+    def losses(self, model, outputs: DecoderOutput, targets: TargetEmbeddings, inputs: TaskInputs,
+               batched_inputs: Sequence[dict]) -> Dict[str, torch.Tensor]:
+        """Training loss of Eq. 7 from g's output and the targets: {name: 0-dim float}."""
+        raise NotImplementedError
+
+    def postprocess(self, model, outputs: DecoderOutput, targets: TargetEmbeddings, inputs: TaskInputs,
+                    batched_inputs: Sequence[dict], **options) -> List[dict]:
+        """Results from g's output (the likelihood of every target): one dict per input."""
+        raise NotImplementedError
+
+    def predict(self, model, inputs: TaskInputs, targets: TargetEmbeddings, batched_inputs: Sequence[dict],
+                **options) -> List[dict]:
+        """Inference: g over the inputs, then :meth:`postprocess`. Tasks that decode step by step
+        (captioning) override it."""
+        outputs = model.unified_decoder(inputs.batch, read=self.reads)
+        return self.postprocess(model, outputs, targets, inputs, batched_inputs, **options)
+
+    # ------------------------------------------------------------------ data and evaluation
+    def build_mapper(self, cfg, is_train: bool):
+        """The detectron2 dataset mapper of this task's datasets."""
+        raise NotImplementedError
+
+    def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
+        """The detectron2 ``DatasetEvaluator`` of this task on ``dataset_name``."""
+        raise NotImplementedError
+
+    def log_batch(self, batch: Sequence[dict], storage) -> None:
+        """Write per-iteration statistics of a training batch to the event storage (called on
+        every rank after the step; default: nothing)."""
+
+    def check_options(self, options: Dict[str, Any]) -> None:
+        """Raises TypeError for an inference option the task does not take."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"task {self.spec.name} ({self.spec.type}) takes the options {list(self.options)}, "
+                            f"got {unknown}")
