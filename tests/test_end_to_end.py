@@ -1,6 +1,5 @@
 """End to end on a tiny config: train_net-style training, COCOEvaluator, checkpoint round trip,
 DefaultPredictor on real photos of unusual modes, and bad input."""
-import os
 
 import numpy as np
 import pytest
@@ -88,9 +87,6 @@ def test_default_predictor_on_grayscale_and_rgba_photos(trained, tmp_path, name)
 
 
 def test_demo_names_a_missing_or_corrupt_file(trained, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(os.path.dirname(os.path.dirname(__file__))))
     from projects.demo.demo import run
 
     cfg, _, out = trained

@@ -20,7 +20,6 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {"det": "det_shapes", "inst": "inst_shapes", "cls": "cls_shapes", "retrieval": "retrieval_shapes",
            "caption": "caption_shapes", "mlm": "mlm_shapes"}
-sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UP2_DATASETS", os.path.join(REPO, "datasets"))
 

@@ -72,8 +72,10 @@ def main(argv=None):
     weights = os.path.join(out, "model_final.pth")
     sh([py, "train_net.py", "--config-file", args.config_file, "--eval-only", "MODEL.WEIGHTS", weights, *common], env)
 
-    sys.path.insert(0, REPO)
-    from projects.demo.demo import run, setup_cfg
+    try:  # imported as projects.demo.main_job, or run as a script (then this folder is on sys.path)
+        from .demo import run, setup_cfg
+    except ImportError:
+        from demo import run, setup_cfg
 
     photos = save_photos(os.path.join(out, "photos"))
     cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", weights])

@@ -1,11 +1,7 @@
 """projects/demo/demo.py never overwrites an input or another drawing of the same run."""
-import sys
-
 import pytest
-from conftest import REPO_ROOT
 
-sys.path.insert(0, str(REPO_ROOT / "projects" / "demo"))
-from demo import drawing_paths  # noqa: E402
+from projects.demo.demo import drawing_paths
 
 
 def test_drawings_are_named_after_the_inputs(tmp_path):

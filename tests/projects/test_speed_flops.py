@@ -1,14 +1,11 @@
-"""projects/benchmark/speed.py's fvcore flop count traces up2's detection + segmentation forward
-(jit tracing turns image sizes into 0-dim tensors; the post-processing must accept them)."""
-import sys
-
+"""projects/benchmark/flops.py's fvcore count traces up2's detection + segmentation forward
+(tracing turns image sizes into 0-dim tensors; the count hands mask pasting Python ints) and
+leaves the model as it was."""
 import torch
 from detectron2.modeling import build_model
 
-from conftest import REPO_ROOT, tiny_cfg
-
-sys.path.insert(0, str(REPO_ROOT / "projects" / "benchmark"))
-import speed  # noqa: E402
+from conftest import tiny_cfg
+from projects.benchmark import flops
 
 
 def test_flop_count_traces_detection_forward(shapes_datasets):
@@ -21,10 +18,20 @@ def test_flop_count_traces_detection_forward(shapes_datasets):
     one = [{"image": x, "height": 48, "width": 64}]
     with torch.no_grad():
         expected = model(one, task="TASK")[0]["instances"]
-    res = speed.count_flops(speed.Call(model, lambda inputs: model(inputs, task="TASK")), (one,), True)
+    res = flops.count_flops(flops.Call(model, lambda inputs: model(inputs, task="TASK")), (one,), True)
     assert "error" not in res, res["error"]
     # at least the proposal network's deformable attention (its handle) and the unified decoder's GEMMs
     assert res["gflops"] > 0 and "prim::PythonOp._CompiledMSDA" not in res["unsupported"]
-    with torch.no_grad():  # tracing left the model as it was
+    assert "paste_masks" not in vars(model.tasks["TASK"])  # the wrapper is gone again
+    with torch.no_grad():
         again = model(one, task="TASK")[0]["instances"]
     assert torch.equal(again.pred_masks, expected.pred_masks)
+
+
+def test_dispatch_count_of_a_linear_layer():
+    """torch's counter gives 2 flops per multiply-add; the benchmark reports multiply-adds."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    res = flops.count_flops_dispatch(layer, lambda: layer(torch.randn(3, 8)))
+    assert res["gflops"] * 1e9 == 3 * 8 * 4
+    assert all(p.requires_grad for p in layer.parameters())

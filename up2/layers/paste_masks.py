@@ -100,15 +100,12 @@ def _use_compiled(device: torch.device, compiled: Optional[bool]) -> bool:
 
 
 def _is_int(v) -> bool:
-    """A Python / numpy integer, or a 0-dim integer tensor (what image sizes become under
-    ``torch.jit.trace``, e.g. fvcore's flop counting)."""
-    if isinstance(v, torch.Tensor):
-        return v.dim() == 0 and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool
+    """A Python or numpy integer (not a bool)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _is_pair(pair) -> bool:
-    """Two positive ints (``_is_int``): a tuple, list, torch.Size, or a 1-D tensor / array of 2."""
+    """Two positive ints (``_is_int``): a tuple, list, torch.Size or numpy array of 2."""
     try:
         values = list(pair)
     except TypeError:

@@ -234,6 +234,7 @@ def test_bad_arguments_are_refused():
     (dict(logits=torch.zeros(2, 0, LOGITS_HW[1])), "Hm, Wm >= 1"),
     (dict(out=(torch.tensor(37.0), 61)), "out must be two positive ints"),
     (dict(out=(torch.tensor([37]), 61)), "out must be two positive ints"),
+    (dict(size=(torch.tensor(50), 90)), "size must be two positive ints"),  # Python ints only
     (dict(chunk=2.5), "chunk must be an int"),
     (dict(logits=torch.zeros(2, *LOGITS_HW, dtype=torch.long)), "float"),
 ])
@@ -246,16 +247,6 @@ def test_paste_masks_rejects_bad_sizes_and_dtypes(bad, match):
                            compiled=compiled)
     with pytest.raises(ValueError, match="size <= padded"):
         pm.resize_taps(20, 80, -5, None)
-
-
-def test_sizes_as_zero_dim_int_tensors():
-    """Under torch.jit.trace (fvcore's flop counting) image sizes arrive as 0-dim int64 tensors:
-    accepted, with the same masks as Python ints."""
-    logits = _logits(3)
-    ref = pm.paste_masks(logits, SIZE, PADDED, (37, 61))
-    as_tensors = [tuple(torch.tensor(v) for v in pair) for pair in (SIZE, PADDED, (37, 61))]
-    for compiled in (False, None):
-        assert torch.equal(pm.paste_masks(logits, *as_tensors, compiled=compiled), ref)
 
 
 def test_environment_picks_the_path(monkeypatch):
