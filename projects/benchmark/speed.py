@@ -442,7 +442,7 @@ def profile_up2(model, task: str, inputs, device: str, repeats: int, cold: bool)
     """Seconds per call of each component of up2 detection+segmentation (mean of ``repeats``
     calls with the class-name targets cached) and, when ``cold``, one first call before that
     (the model's target cache must not hold the task's class names yet)."""
-    from up2.layers.ms_deform_attn import MSDeformAttn
+    from up2.layers.msda import MSDeformAttn
 
     def run(n):
         timer = ComponentTimer(device)
@@ -765,9 +765,9 @@ def profile_table(profiles: dict):
 
 
 def msda_path(device: str) -> str:
-    """Which multi-scale deformable attention path runs, from up2.layers.ms_deform_attn's own
+    """Which multi-scale deformable attention path runs, from up2.layers.msda's own
     check: the compiled kernel serves CPU tensors when built, unless the path is forced."""
-    from up2.layers import ms_deform_attn as msda
+    from up2.layers import msda
 
     fast = msda.fast_path_available()
     env_name = getattr(msda, "PATH_ENV", "UP2_MSDA_PATH")
