@@ -3,11 +3,10 @@ through UP2Trainer (unmixed sampling + TBGN), each task's evaluator, and the ope
 decoding behaviour of the predictor-facing calls."""
 import pytest
 import torch
-from detectron2.data import DatasetCatalog
 
 from conftest import add_task, seed_everything, tiny_cfg
+from task_models import mapped_inputs
 from up2.engine import UP2Trainer
-from up2.engine.trainer import build_mapper
 
 
 def joint_cfg(out_dir):
@@ -56,9 +55,7 @@ def test_every_task_evaluates(joint):
 
 
 def _inputs(cfg, trainer, name, dataset, n=3):
-    spec = trainer.model.tasks[name].spec
-    mapper = build_mapper(cfg, spec, is_train=False)
-    return [mapper(r) for r in DatasetCatalog.get(dataset)[:n]]
+    return mapped_inputs(cfg, trainer.model, name, n=n, dataset=dataset)
 
 
 def test_beam_one_equals_greedy_and_batch_equals_single(joint):

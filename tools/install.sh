@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 VENV=.venv
 PY=${PYTHON:-python3}
 stamp="$VENV/.up2-installed"
-want="$(cat setup.py tools/install.sh up2/layers/build_msda.py up2/layers/csrc/* | sha1sum | cut -c1-12)"
+# the stamp covers every build source: the kernels' C++ files and the Python that declares and
+# builds them (cpp_library.py, build_kernels.py, each kernel's *library.py)
+want="$(cat setup.py tools/install.sh up2/layers/build_kernels.py up2/layers/*library.py up2/layers/*/library.py \
+  up2/layers/csrc/* | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -28,13 +31,14 @@ fi
 pip install -e ".[dev]"
 echo "install: note: pip may report that sal-detectron2 wants numpy<2 and black; that is its metadata only" \
      "(detectron2's code runs with numpy 2 here, as the test suite checks)"
-# Compiled CPU kernel of multi-scale deformable attention (optional: without a C++ compiler, or if
-# the build fails, up2 runs the pure-PyTorch path). Builds into build/msda/ once per kernel source.
+# Compiled CPU kernels (multi-scale deformable attention, mask pasting; optional: without a C++
+# compiler, or if a build fails, up2 runs the pure-PyTorch paths). Each builds into build/kernels/
+# once per kernel source (an up-to-date kernel is not rebuilt).
 if command -v "${CXX:-c++}" >/dev/null 2>&1 && command -v ninja >/dev/null 2>&1; then
-  "$VENV/bin/python" -m up2.layers.build_msda 2> >(grep -v "No CUDA runtime is found" >&2) \
-    || echo "install: note: building the MSDA CPU kernel failed; the pure-PyTorch path will be used"
+  "$VENV/bin/python" -m up2.layers.build_kernels 2> >(grep -v "No CUDA runtime is found" >&2) \
+    || echo "install: note: building a compiled CPU kernel failed; its pure-PyTorch path will be used"
 else
-  echo "install: note: no C++ compiler or ninja; skipping the compiled MSDA CPU kernel (pure-PyTorch path is used)"
+  echo "install: note: no C++ compiler or ninja; skipping the compiled CPU kernels (pure-PyTorch paths are used)"
 fi
 echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 echo "install: .venv ready ($("$VENV/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from up2.layers import MSDeformAttn, fast_path_available, ms_deform_attn_core  # noqa: E402
-from up2.layers.ms_deform_attn import PATH_ENV  # noqa: E402
+from up2.layers.msda import PATH_ENV  # noqa: E402
 
 
 def level_shapes(height: int, width: int, strides):
@@ -119,7 +119,8 @@ def main(argv=None):
           f"{args.points} points, batch {args.batch}; threads {args.threads}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}")
     if "compiled" not in paths:
-        print("compiled kernel not built (run tools/install.sh or python -m up2.layers.build_msda): pytorch only")
+        print("compiled kernel not built (run tools/install.sh or python -m up2.layers.build_kernels msda): "
+              "pytorch only")
 
     hf_op = hf.MultiScaleDeformableAttention()
     rows = []  # (name, median, min, reference name)

@@ -74,7 +74,7 @@ class ComponentTimer:
 
 
 def _timed_calls(model, task: str, inputs, device: str, n: int):
-    from up2.layers.ms_deform_attn import MSDeformAttn
+    from up2.layers.msda import MSDeformAttn
 
     timer, net = ComponentTimer(device), model.proposal_network
     for name, module in (("backbone", model.backbone), ("pixel decoder", net.pixel_decoder),

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from up2.layers import MSDeformAttn, build_msda, fast_path_available, ms_deform_attn_core
+from up2.layers import MSDeformAttn, fast_path_available, ms_deform_attn_core
+from up2.layers.msda.library import MSDA_LIBRARY
 
 tmodel = pytest.importorskip("transformers.models.deformable_detr.modeling_deformable_detr")
 from transformers import DeformableDetrConfig  # noqa: E402
@@ -191,7 +192,7 @@ def test_bad_inputs_raise():
 
 def test_fast_path_flag():
     # True exactly when the compiled CPU kernel of the current sources is built (and then loads)
-    assert fast_path_available() is build_msda.library_path().is_file()
+    assert fast_path_available() is MSDA_LIBRARY.path().is_file()
 
 
 @pytest.mark.gpu

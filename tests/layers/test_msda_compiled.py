@@ -6,8 +6,8 @@ the fixture builds it (about 10-25 s on 2 cores). Without a compiler these tests
 import pytest
 import torch
 
-from up2.layers import build_msda, ms_deform_attn
-from up2.layers.ms_deform_attn import PATH_ENV, fast_path_available, ms_deform_attn_core
+from up2.layers import cpp_library
+from up2.layers.msda import PATH_ENV, fast_path_available, library, ms_deform_attn_core, routing
 
 SHAPE_SETS = {
     "mixed": [(6, 9), (3, 5), (2, 2), (1, 1)],  # non-square levels and a 1x1 level
@@ -19,9 +19,9 @@ SHAPE_SETS = {
 @pytest.fixture(scope="module")
 def compiled():
     if not fast_path_available():
-        if not build_msda.compiler_available():
+        if not cpp_library.compiler_available():
             pytest.skip("no C++ compiler / ninja on PATH: the compiled MSDA CPU kernel cannot be built")
-        build_msda.build()
+        library.MSDA_LIBRARY.build()
     assert fast_path_available(), "the compiled MSDA kernel was built but does not load"
 
 
@@ -112,22 +112,22 @@ def test_compiled_bf16_autocast(compiled, monkeypatch):
 
 def test_path_env_switch(monkeypatch):
     monkeypatch.setenv(PATH_ENV, "pytorch")
-    assert ms_deform_attn._select_path(torch.device("cpu")) == "pytorch"
+    assert routing.select_path(torch.device("cpu")) == "pytorch"
     monkeypatch.setenv(PATH_ENV, "fastest")
     with pytest.raises(ValueError, match=PATH_ENV):
-        ms_deform_attn._select_path(torch.device("cpu"))
+        routing.select_path(torch.device("cpu"))
     monkeypatch.setenv(PATH_ENV, "compiled")
     with pytest.raises(RuntimeError, match="CPU only"):
-        ms_deform_attn._select_path(torch.device("meta"))
+        routing.select_path(torch.device("meta"))
     # forced but unavailable: a clear error, not a silent fallback
-    monkeypatch.setattr(ms_deform_attn, "_compiled_unavailable_reason", lambda: "not built (test)")
+    monkeypatch.setattr(library, "compiled_unavailable_reason", lambda: "not built (test)")
     with pytest.raises(RuntimeError, match="not built"):
-        ms_deform_attn._select_path(torch.device("cpu"))
+        routing.select_path(torch.device("cpu"))
     monkeypatch.setenv(PATH_ENV, "auto")
-    assert ms_deform_attn._select_path(torch.device("cpu")) == "pytorch"
+    assert routing.select_path(torch.device("cpu")) == "pytorch"
 
 
 def test_auto_uses_compiled_when_built(compiled, monkeypatch):
     monkeypatch.delenv(PATH_ENV, raising=False)
-    assert ms_deform_attn._select_path(torch.device("cpu")) == "compiled"
-    assert ms_deform_attn._select_path(torch.device("meta")) == "pytorch"  # non-CPU: PyTorch path
+    assert routing.select_path(torch.device("cpu")) == "compiled"
+    assert routing.select_path(torch.device("meta")) == "pytorch"  # non-CPU: PyTorch path

@@ -5,8 +5,8 @@ The masks are defined by ``F.interpolate`` (bilinear, ``align_corners=False``): 
 (Hm, Wm) logits of the padded image to its (Hp, Wp) pixels, crop the (h, w) resized image,
 resize bilinearly to the original (out_h, out_w) when that differs, threshold at 0. Two paths:
 
-* ``compiled``: ``torch.ops.up2_masks.paste_positive`` (``csrc/paste_masks_cpu.cpp``, in the
-  library that ``python -m up2.layers.build_msda`` builds). Each resize is a separable linear
+* ``compiled``: ``torch.ops.up2_masks.paste_positive`` (``csrc/paste_masks_cpu.cpp``, built by
+  ``python -m up2.layers.build_kernels paste_masks``; see ``paste_masks_library``). Each resize is a separable linear
   map; its taps are read off ``F.interpolate`` itself (so they are PyTorch's own weights), the
   two resizes are composed, and the kernel writes the thresholded mask without ever holding a
   float image of the output size. Same masks up to float rounding: a pixel whose logit is
@@ -31,17 +31,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .paste_masks_library import PASTE_LIBRARY, compiled_paste_available
+
 __all__ = ["paste_masks", "compiled_paste_available", "resize_taps", "PASTE_PATH_ENV"]
 
 PASTE_PATH_ENV = "UP2_PASTE_PATH"
 _PATHS = ("auto", "pytorch", "compiled")
-
-
-def compiled_paste_available() -> bool:
-    """Whether ``torch.ops.up2_masks.paste_positive`` is built and loaded (never compiles)."""
-    from up2.layers.ms_deform_attn import fast_path_available
-
-    return fast_path_available() and hasattr(torch.ops.up2_masks, "paste_positive")
 
 
 def _interp_matrix(in_size: int, out_size: int) -> torch.Tensor:
@@ -94,7 +89,7 @@ def _use_compiled(device: torch.device, compiled: Optional[bool]) -> bool:
         compiled = forced == "compiled"
     if compiled and not (device.type == "cpu" and compiled_paste_available()):
         raise RuntimeError("paste_masks: the compiled kernel needs CPU tensors and the built library "
-                           f"(python -m up2.layers.build_msda); {PASTE_PATH_ENV}=pytorch or compiled=False "
+                           f"({PASTE_LIBRARY.build_command}); {PASTE_PATH_ENV}=pytorch or compiled=False "
                            "uses F.interpolate")
     return bool(compiled)
 

@@ -1,6 +1,6 @@
 // CPU kernel of multi-scale deformable attention (Deformable DETR, Eq. 3), forward and backward.
 //
-// Shapes (see up2/layers/ms_deform_attn.py):
+// Shapes (see up2/layers/msda/__init__.py):
 //   value              (N, S, M, Dh)     float32 / float64, contiguous
 //   spatial_shapes     (L, 2)            int64 (h, w); levels are stored one after the other in S
 //   sampling_locations (N, Lq, M, L, P, 2) normalised (x, y); pixel centres at (i + 0.5) / size

@@ -17,8 +17,8 @@
 // output size is ever written. The taps come from Python (up2/layers/paste_masks.py), which
 // reads them off F.interpolate itself.
 //
-// Registered as torch.ops.up2_masks.paste_positive (CPU), in the same library as the
-// deformable-attention kernel (built by up2/layers/build_msda.py).
+// Registered as torch.ops.up2_masks.paste_positive (CPU), in its own library (built by
+// python -m up2.layers.build_kernels paste_masks; see up2/layers/paste_masks_library.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

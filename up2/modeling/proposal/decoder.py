@@ -34,7 +34,7 @@ from detectron2.config import configurable
 from torch import nn
 from torchvision.ops import box_convert
 
-from up2.layers.ms_deform_attn import MSDeformAttn
+from up2.layers.msda import MSDeformAttn
 from up2.modeling.proposal.denoising import DenoisingQueries, build_denoising_queries
 from up2.modeling.proposal.position_encoding import box_sine_encoding
 from up2.structures import PixelDecoderOutput

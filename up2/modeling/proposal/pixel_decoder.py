@@ -21,7 +21,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from torch import nn
 
 from up2.layers.feature_ops import add_upsampled_2x_, group_norm_
-from up2.layers.ms_deform_attn import MSDeformAttn
+from up2.layers.msda import MSDeformAttn
 from up2.modeling.proposal.position_encoding import position_encoding_2d
 from up2.structures import PixelDecoderOutput
 

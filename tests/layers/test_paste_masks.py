@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from up2.layers import build_msda
+from up2.layers import cpp_library
 from up2.layers import paste_masks as pm
+from up2.layers.paste_masks_library import PASTE_LIBRARY
 from up2.modeling.tasks.detection import DetectionTask
 
 PADDED = (64, 96)  # Hp, Wp
@@ -32,9 +33,9 @@ def _reference(logits, size, padded, out):
 @pytest.fixture(scope="module")
 def kernel():
     if not pm.compiled_paste_available():
-        if not build_msda.compiler_available():
+        if not cpp_library.compiler_available():
             pytest.skip("no C++ compiler / ninja on PATH: the compiled kernels cannot be built")
-        build_msda.build()
+        PASTE_LIBRARY.build()
     assert pm.compiled_paste_available(), "the compiled library was built but paste_positive does not load"
 
 

@@ -1,0 +1,94 @@
+"""``ms_deform_attn_core``: the single entry point of the multi-scale deformable attention op
+(shapes as in ``up2.layers.msda``). It validates its inputs, settles the dtype, and runs the
+path ``routing.select_path`` picks: the compiled CPU kernel through an autograd Function, or
+the pure-PyTorch reference."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .checks import ShapesLike, check_core_inputs, shapes_as_list
+from .reference import ms_deform_attn_core_pytorch
+from .routing import select_path
+
+__all__ = ["ms_deform_attn_core"]
+
+
+class _CompiledMSDA(torch.autograd.Function):
+    """autograd wrapper of ``torch.ops.up2_msda.forward`` / ``backward`` (float32 / float64, CPU)."""
+
+    @staticmethod
+    def forward(ctx, value, shapes_t, sampling_locations, attention_weights):
+        value, sampling_locations, attention_weights = (
+            t.contiguous() for t in (value, sampling_locations, attention_weights)
+        )
+        ctx.save_for_backward(value, shapes_t, sampling_locations, attention_weights)
+        return torch.ops.up2_msda.forward(value, shapes_t, sampling_locations, attention_weights)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        value, shapes_t, loc, attn = ctx.saved_tensors
+        g_value, g_loc, g_attn = torch.ops.up2_msda.backward(grad_out.contiguous(), value, shapes_t, loc, attn)
+        need = ctx.needs_input_grad
+        return (g_value if need[0] else None, None, g_loc if need[2] else None, g_attn if need[3] else None)
+
+
+def ms_deform_attn_core(
+    value: torch.Tensor,
+    spatial_shapes: ShapesLike,
+    level_start_index: Optional[torch.Tensor],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention sampling (Deformable DETR Eq. 3, without projections).
+
+    Args:
+        value: (N, S, M, Dh) float, per-head values of all levels flattened level after level.
+        spatial_shapes: (L, 2) int64 tensor (or list of (h, w)): size of each level in pixels.
+        level_start_index: (L,) int64 offsets of each level in S, or None; when given it is
+            checked against ``spatial_shapes``.
+        sampling_locations: (N, Lq, M, L, P, 2) float, normalised (x, y) in [0, 1] of the
+            level's map (0 = left/top edge, 1 = right/bottom edge); outside samples read 0.
+        attention_weights: (N, Lq, M, L, P) float, normalised over (L, P) by the caller.
+
+    Returns:
+        (N, Lq, M * Dh) tensor in ``value``'s dtype; head m occupies channels
+        ``[m * Dh, (m + 1) * Dh)``.
+
+    Dtypes: the three float inputs are cast to their promoted dtype (e.g. float32 when
+    ``value`` is bf16 but the locations are float32, so locations keep their precision) and
+    the op runs with autocast disabled, so it never fails on mixed dtypes under
+    ``torch.autocast``. The compiled path computes bf16 / fp16 in float32; the output is cast
+    back to ``value``'s dtype on both paths.
+
+    Path: the compiled CPU kernel for CPU tensors when built, else pure PyTorch (see
+    ``up2.layers.msda.routing`` and ``UP2_MSDA_PATH``); both give the same values and gradients
+    up to rounding.
+
+    Raises:
+        ValueError: on any shape mismatch (S != sum h*w, wrong ranks, N/M/L/P disagreement,
+            level_start_index inconsistent with spatial_shapes), or a bad ``UP2_MSDA_PATH``.
+        RuntimeError: if ``UP2_MSDA_PATH=compiled`` and the compiled kernel cannot run.
+    """
+    shapes = shapes_as_list(spatial_shapes)
+    check_core_inputs(value, shapes, level_start_index, sampling_locations, attention_weights)
+    dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"value / sampling_locations / attention_weights must be floating point, got {dtype}")
+    path = select_path(value.device)
+    with torch.autocast(device_type=value.device.type, enabled=False):
+        if path == "compiled":
+            if dtype not in (torch.float32, torch.float64):
+                dtype = torch.float32
+            shapes_t = torch.tensor(shapes, dtype=torch.int64)
+            out = _CompiledMSDA.apply(
+                value.to(dtype), shapes_t, sampling_locations.to(dtype), attention_weights.to(dtype)
+            )
+        else:
+            out = ms_deform_attn_core_pytorch(
+                value.to(dtype), shapes, sampling_locations.to(dtype), attention_weights.to(dtype)
+            )
+    return out.to(value.dtype)
