@@ -70,8 +70,11 @@ def row_config(row: str, iters: int, output: str, seed: int, mixed_batch: str = 
     cfg.SOLVER.OPTIMIZER = optimizer
     cfg.SEED = seed
     total = sum(float(t.SAMPLING_RATIO) for t in cfg.TASKS.values())
+    from up2.modeling.tasks import TASK_REGISTRY
+    from up2.modeling.token_attributes import TaskFamily
+
     for name, task in cfg.TASKS.items():
-        if task.TYPE == "retrieval":
+        if TASK_REGISTRY.get(task.TYPE).family is TaskFamily.RETRIEVAL:
             task.GATHER_FEATURES = gather
         if sampling == "mixed" and mixed_batch == "scaled":
             share = task.IMS_PER_BATCH * float(task.SAMPLING_RATIO) / total

@@ -102,8 +102,11 @@ def main(argv=None):
                 for metric, value in metrics.items():
                     if metric in KEEP.get(group, ()):
                         rows.append([task, dataset, f"{group} {metric}", value, args.iters, round(seconds)])
+    from up2.modeling.tasks import TASK_REGISTRY
+    from up2.modeling.token_attributes import TaskFamily
+
     for name, spec in cfg.TASKS.items():
-        if spec.TYPE == "classification":
+        if TASK_REGISTRY.get(spec.TYPE).family is TaskFamily.CLASSIFICATION:
             rows.append([name, spec.DATASETS.TEST[0], "GeneralistPredictor.classify correct %",
                          predictor_accuracy(cfg, spec.DATASETS.TEST[0]), args.iters, round(seconds)])
     print()

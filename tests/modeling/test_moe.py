@@ -17,7 +17,7 @@ from up2.modeling.token_attributes import (
     encode_attributes,
 )
 from up2.modeling.unified_decoder import FeedForward, UnifiedDecoder
-from up2.structures import TokenAttention, TokenBatch
+from up2.structures import TokenBatch
 
 D, F_DIM = 16, 32
 
