@@ -100,8 +100,8 @@ def set_channels_last(model, on: bool) -> None:
 def up2_calls(model, size, args, names):
     """[(key, label, call, count_flops or None, images per call, warm-up calls)] of the selected
     up2 rows; ``count_flops()`` returns a ``flops`` result."""
+    from up2.modeling.decoder_outputs import SPE
     from up2.modeling.token_attributes import TaskFamily
-    from up2.modeling.unified_decoder import SPE_POSITION
 
     h, w = size
     one = [{"image": random_image(h, w, h * 10000 + w), "height": h, "width": w}]
@@ -109,7 +109,7 @@ def up2_calls(model, size, args, names):
 
     def image_only(inputs, family=TaskFamily.CLASSIFICATION):  # f_image + g up to the [SPE] token
         with model.inference_autocast():
-            return model.unified_decoder(model.encode_image(inputs, family).tokens.batch, outputs=SPE_POSITION)
+            return model.unified_decoder(model.encode_image(inputs, family).tokens.batch, read=(SPE,)).spe
 
     def det(inputs):
         return model(inputs, task="SPEED_SEG")
@@ -118,7 +118,7 @@ def up2_calls(model, size, args, names):
         return model(inputs, task="SPEED_CLS", class_names=names)
 
     def retrieval(inputs):
-        return image_only(inputs, TaskFamily.RETRIEVAL)[:, 0]
+        return image_only(inputs, TaskFamily.RETRIEVAL)
 
     def caption():
         return model(one, task="SPEED_CAP", beam_size=1, max_length=args.caption_length)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
-from up2.modeling.unified_decoder import SPE
+from up2.modeling.decoder_outputs import SPE
 from up2.structures import TokenBatch
 
 __all__ = ["encode_targets", "TargetEmbeddings", "TargetCache"]

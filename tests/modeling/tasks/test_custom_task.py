@@ -15,7 +15,7 @@ from up2.engine import UP2Trainer
 from up2.modeling.tasks.base import TASK_REGISTRY, register_task
 from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
-from up2.modeling.unified_decoder import SPE
+from up2.modeling.decoder_outputs import SPE
 
 COUNT_NAMES = ("no shape", "one shape", "two shapes", "three shapes", "four shapes", "five shapes")
 

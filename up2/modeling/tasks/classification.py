@@ -16,7 +16,7 @@ from up2.evaluation import ClassificationEvaluator
 from up2.modeling.tasks.base import check_class_names, register_task
 from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
-from up2.modeling.unified_decoder import SPE
+from up2.modeling.decoder_outputs import SPE
 
 __all__ = ["ClassificationTask"]
 

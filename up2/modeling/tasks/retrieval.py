@@ -21,7 +21,7 @@ from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
-from up2.modeling.unified_decoder import SPE
+from up2.modeling.decoder_outputs import SPE
 
 __all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
 
