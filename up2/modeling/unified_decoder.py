@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from up2.modeling.moe import ConditionalMoE, gelu_of_fresh
+from up2.modeling.moe import ConditionalMoE
 from up2.modeling.token_attributes import ATTRIBUTE_DIM
 from up2.structures import AttentionKind, TokenBatch
 
@@ -64,7 +64,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attributes: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.dropout(gelu_of_fresh(self.fc1(x))))
+        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
 
 
 class UnifiedDecoderLayer(nn.Module):

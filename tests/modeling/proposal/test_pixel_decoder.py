@@ -195,49 +195,6 @@ def test_box_sine_encoding_formula():
         sine_encode(boxes, 3)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 126, 1000])
-def test_inference_ffn_in_chunks_equals_whole(chunk):
-    """Without autograd the encoder FFN runs over ``ffn_chunk`` tokens at a time; memory and mask
-    features equal the one-piece computation (which runs with autograd), remainders included
-    (126 tokens: chunk 7 leaves no remainder, 1 and 1000 are the extremes); and it runs under
-    bf16 autocast."""
-    dec = _decoder().eval()
-    feats = _features()
-    pad = torch.zeros(2, 64, 96, dtype=torch.bool)
-    pad[1, :, 70:] = True
-    whole = dec(feats, pad)  # grad mode: one piece
-    for layer in dec.layers:
-        layer.ffn_chunk = chunk
-    for context in (torch.no_grad, torch.inference_mode):
-        with context():
-            pieces = dec(feats, pad)
-        torch.testing.assert_close(pieces.memory, whole.memory.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(pieces.mask_features, whole.mask_features.detach(), rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = dec(feats, pad)
-        for layer in dec.layers:
-            layer.ffn_chunk = 10**6
-        bf16_whole = dec(feats, pad)
-    # bf16 GEMMs of different row counts may round differently: a few bf16 ulps (2**-7 relative)
-    torch.testing.assert_close(bf16.memory.float(), bf16_whole.memory.float(), rtol=0.03, atol=0.03)
-
-
-def test_inference_encoder_layer_leaves_its_inputs_alone():
-    """The in-place residual sums of inference write only into the layer's own fresh tensors."""
-    torch.manual_seed(0)
-    layer = DeformableEncoderLayer(32, 4, 2, 2, 64, 0.0).eval()
-    shapes = torch.tensor([[4, 6], [2, 3]])
-    src, pos = torch.randn(2, 30, 32), torch.randn(2, 30, 32)
-    refs = torch.rand(2, 30, 2, 2)
-    src0, pos0 = src.clone(), pos.clone()
-    expected = layer(src, pos, refs, shapes, None, None)
-    with torch.no_grad():
-        out = layer(src, pos, refs, shapes, None, None)
-    assert torch.equal(src, src0) and torch.equal(pos, pos0)
-    assert out.data_ptr() not in (src.data_ptr(), pos.data_ptr())
-    torch.testing.assert_close(out, expected.detach(), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("bias", [True, False])
 def test_pointwise_conv_of_channels_last_input_returns_nchw(bias):
     """The mask-feature 1x1 conv as one GEMM: same values as the conv, NCHW-contiguous output for a
