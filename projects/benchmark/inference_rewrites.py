@@ -13,13 +13,14 @@ image (a seeded smooth random picture, uint8), timed as the whole-model call
 A/B: one model prepared with every rewrite ("with") and, per rewrite, a copy of the same
 weights prepared with every rewrite but that one ("without"); each round times "with" then each
 "without" (interleaved, so load changes hit both sides), after ``--warmup`` untimed rounds.
-Printed: medians over ``--repeats`` rounds, the change of the median and the median of the
-per-round ratios (without / with - 1: positive = the rewrite saves time).
+Printed, for wall time and process CPU time (user + system, all threads: steadier than wall
+time on a shared machine): medians over ``--repeats`` rounds, the change of the medians and
+the median of the per-round ratios (without / with - 1: positive = the rewrite saves time).
 
 ``--against DIR`` times the prepared model of this checkout and the model of another checkout
 (built as that code builds it for inference: ``prepare_for_inference`` when it has one),
-each in its own worker process with ``cwd`` set to its checkout, interleaved round by round;
-prints the median per-round ratio this / other.
+each in its own worker process with ``cwd`` set to its checkout, interleaved round by round
+(alternating which goes first); prints the same table for this vs. the other.
 """
 from __future__ import annotations
 
@@ -65,13 +66,29 @@ def build(root: str, size):
     return model, [{"image": img[0].to(torch.uint8), "height": h, "width": w}]
 
 
-def timed(model, inputs) -> float:
+def timed(model, inputs):
+    """(wall seconds, process CPU seconds) of one whole-model call."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         model(inputs)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def table(rows, times, header):
+    """Markdown rows ``name | median base | median other | change of medians | median per-round change``
+    for wall and CPU time; ``rows`` = [(name, base key, other key, index slice of the base)]."""
+    lines = []
+    for kind, col in (("wall", 0), ("CPU", 1)):
+        lines += [f"\n{kind} time (s)\n", header, "|---|---|---|---|---|"]
+        for name, base, other, part in rows:
+            a = [t[col] for t in times[base][part]]
+            b = [t[col] for t in times[other]]
+            paired = statistics.median(y / x - 1 for x, y in zip(a, b))
+            ma, mb = statistics.median(a), statistics.median(b)
+            lines.append(f"| {name} | {ma:.3f} | {mb:.3f} | {100 * (mb / ma - 1):+.1f}% | {100 * paired:+.1f}% |")
+    return "\n".join(lines)
 
 
 def prepared(model, rewrites=None):
@@ -93,7 +110,7 @@ def worker(args) -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "run":
-            print(f"{timed(model, inputs):.6f}", flush=True)
+            print("%.6f %.6f" % timed(model, inputs), flush=True)
 
 
 def against(args) -> None:
@@ -109,7 +126,7 @@ def against(args) -> None:
     def run(name):
         procs[name].stdin.write("run\n")
         procs[name].stdin.flush()
-        return float(procs[name].stdout.readline())
+        return tuple(float(v) for v in procs[name].stdout.readline().split())
 
     times = {"this": [], "other": []}
     for r in range(args.warmup + args.repeats):
@@ -117,14 +134,15 @@ def against(args) -> None:
         if r >= args.warmup:
             for name, t in pair.items():
                 times[name].append(t)
-            print(f"round {r - args.warmup}: this {pair['this']:.3f} s, other {pair['other']:.3f} s", flush=True)
+            print(f"round {r - args.warmup}: this {pair['this'][0]:.3f} s, other {pair['other'][0]:.3f} s "
+                  f"(CPU {pair['this'][1]:.2f} / {pair['other'][1]:.2f} s)", flush=True)
     for p in procs.values():
         p.stdin.close()
         p.wait()
-    ratio = statistics.median(a / b for a, b in zip(times["this"], times["other"]))
-    print(f"\n| checkout | median (s) |\n|---|---|\n| this ({here}) | {statistics.median(times['this']):.3f} |\n"
-          f"| other ({args.against}) | {statistics.median(times['other']):.3f} |\n\n"
-          f"median per-round ratio this / other: {ratio:.3f} ({args.repeats} rounds, {args.threads} threads)")
+    print(f"\n{args.repeats} rounds, {args.threads} threads, {args.size[0]}x{args.size[1]} float32; "
+          f"this = {here}, other = {args.against}")
+    print(table([("this vs. other", "other", "this", slice(None))], times,
+                "| comparison | median other | median this | change of medians | median per-round change |"))
 
 
 def ab(args) -> None:
@@ -149,15 +167,10 @@ def ab(args) -> None:
                 times["with"].append(t_with)
                 times[name].append(t_without)
         if r >= args.warmup:
-            print(f"round {r - args.warmup}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()), flush=True)
-    print(f"\n{args.repeats} rounds, {args.threads} threads, {args.size[0]}x{args.size[1]} float32\n")
-    print("| rewrite | median with (s) | median without (s) | change of medians | median per-round change |")
-    print("|---|---|---|---|---|")
-    for i, name in enumerate(names):
-        with_ = times["with"][i::len(names)]
-        paired = statistics.median(b / a - 1 for a, b in zip(with_, times[name]))
-        m_with, m_without = statistics.median(with_), statistics.median(times[name])
-        print(f"| {name} | {m_with:.3f} | {m_without:.3f} | {100 * (m_without / m_with - 1):+.1f}% | {100 * paired:+.1f}% |")
+            print(f"round {r - args.warmup}: " + ", ".join(f"{k} {v[-1][0]:.3f}" for k, v in times.items()), flush=True)
+    print(f"\n{args.repeats} rounds, {args.threads} threads, {args.size[0]}x{args.size[1]} float32")
+    rows = [(name, "with", name, slice(i, None, len(names))) for i, name in enumerate(names)]
+    print(table(rows, times, "| rewrite | median with | median without | change of medians | median per-round change |"))
 
 
 def main() -> None:

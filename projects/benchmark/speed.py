@@ -150,7 +150,9 @@ def build_up2(config: str, roberta: str, device: str, caption_vocab: str):
     cfg = resolve_task_data(cfg)  # COCO's class names from detectron2's metadata; the caption vocabulary
     cfg.freeze()
     torch.manual_seed(0)
-    return build_model(cfg).eval(), cfg
+    from up2.modeling.inference import prepare_for_inference
+
+    return prepare_for_inference(build_model(cfg)), cfg  # eval + the inference rewrites, as the predictors
 
 
 def build_mask_rcnn(device: str):

@@ -67,7 +67,8 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 class DeformableEncoderLayer(nn.Module):
     """One deformable encoder layer: MSDeformAttn self-attention then an FFN, each followed
-    by residual + LayerNorm (post-norm, Deformable DETR).
+    by residual + LayerNorm (post-norm, Deformable DETR). ``prepare_for_inference`` makes it
+    ``up2.modeling.inference.ChunkedFFNEncoderLayer`` (same values, less memory traffic).
 
     Args:
         dim: D.  num_heads: M.  num_levels: L.  num_points: P.  ffn_dim: FFN hidden width.
