@@ -15,6 +15,7 @@ from detectron2.utils.logger import setup_logger
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
 from up2.engine import UP2Trainer
+from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks import check_datasets_registered, default_task_name, resolve_task_data, task_specs_from_config
 from up2.utils import write_json_atomic
 from up2.utils.distributed import launch  # detectron2 launch + barrier and destroy_process_group in every worker
@@ -44,7 +45,7 @@ def main(args):
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        results = UP2Trainer.test(cfg, model)
+        results = UP2Trainer.test(cfg, prepare_for_inference(model))
         if comm.is_main_process():
             write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))
         return results

@@ -65,7 +65,7 @@ def test_results_are_float32_and_close_to_float32_model(predictors):
 def test_autocast_really_runs_in_bf16(predictors):
     _, bf16 = predictors
     seen = []
-    handle = bf16.model.unified_decoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    handle = bf16.model.unified_decoder.register_forward_hook(lambda m, i, o: seen.append(o.features.dtype))
     try:
         bf16.classify(_photo(), ["cat", "dog"])
     finally:
@@ -89,8 +89,8 @@ def test_target_cache_is_per_precision(predictors):
     again = fp32.classify(photo, names)["scores"]
     torch.testing.assert_close(again, first)  # float32 again: the float32 entry, exactly
     assert amp.dtype == torch.float32 and not torch.equal(amp, first)
-    keys = [k for k in model.target_cache._store if k[2:] == tuple(names)]
-    assert sorted(k[1] for k in keys) == ["torch.bfloat16", "torch.float32"]
+    keys = [k for k in model.target_cache._store if k[3:] == tuple(names)]  # (precision, "texts", family, *names)
+    assert sorted(k[0] for k in keys) == ["torch.bfloat16", "torch.float32"]
 
 
 def test_training_ignores_inference_amp(predictors):

@@ -13,9 +13,11 @@ def add_up2_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 
     # ---- Memory format (ours) ---------------------------------------------------------------
-    # The backbone and the proposal network's convs run on channels-last (NHWC) tensors: oneDNN
-    # (CPU) and cuDNN (bf16/fp16 tensor cores) convolve NHWC natively, NCHW pays a layout copy
-    # around every conv. Same values up to float rounding; projects/benchmark/speed.py measures it.
+    # up2.modeling.inference.prepare_for_inference stores the backbone's and the proposal network's
+    # conv weights channels-last (NHWC), so their feature maps run NHWC: oneDNN (CPU) and cuDNN
+    # (bf16/fp16 tensor cores) convolve NHWC natively, NCHW pays a layout copy around every conv.
+    # The model's constructor and training leave the layout alone. Same values up to float
+    # rounding; docs/inference_rewrites.md measures it.
     cfg.MODEL.CHANNELS_LAST = True
 
     # ---- Swin backbone (timm), registered as "D2SwinTransformer" -----------------------

@@ -38,6 +38,7 @@ from PIL import Image
 
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
+from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks.base import check_class_names
 from up2.modeling.token_attributes import TaskFamily
 
@@ -113,9 +114,10 @@ class GeneralistPredictor:
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg).eval()
+        self.model = build_model(self.cfg)
         if cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+        prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
@@ -244,6 +246,7 @@ class BatchPredictor(DefaultPredictor):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         super().__init__(cfg)
+        prepare_for_inference(self.model)  # the inference rewrites (up2.modeling.inference)
         self.batch_size = int(batch_size)
 
     def preprocess(self, original_image: np.ndarray, index: int = 0) -> dict:

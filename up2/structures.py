@@ -72,9 +72,9 @@ class ProposalOutput:
     Attributes:
         sem: (N, Q, D) float, q^sem, the decoder's query features.
         boxes: (N, Q, 4) float, q^box, normalised cxcywh w.r.t. the padded image.
-        masks: (N, Q, Hm, Wm) float, q^mask logits at stride 4; None when the network was
-            asked for lazy masks (inference), then ``mask_embed`` and ``mask_features`` are set
-            and ``masks_of`` computes the logits of the proposals actually read.
+        masks: (N, Q, Hm, Wm) float, q^mask logits at stride 4 when given as such (other
+            constructors, tests); None from the proposal network, which sets ``mask_embed`` and
+            ``mask_features`` instead: ``masks_of`` computes the logits of the proposals read.
         objectness: (N, Q) float, foreground logit of the binary classifier.
         matches: during training, one (pred_idx (M,), tgt_idx (M,)) int64 pair per image from
             the Hungarian matcher on the last layer (the same matching the losses use);

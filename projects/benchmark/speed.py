@@ -82,7 +82,9 @@ def build_up2(config: str, device: str, text_folder: str, names, caption_length:
     cfg = resolve_task_data(cfg)
     cfg.freeze()
     torch.manual_seed(0)
-    return build_model(cfg).eval()
+    from up2.modeling.inference import prepare_for_inference
+
+    return prepare_for_inference(build_model(cfg))  # eval + the inference rewrites, as the predictors
 
 
 def random_image(h: int, w: int, seed: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import up2  # noqa: F401  (registers the model and datasets)
 from up2 import add_up2_config
 from up2.data.image_io import read_image
+from up2.modeling.inference import prepare_for_inference
 from up2.utils import atomic_write
 
 
@@ -76,7 +77,7 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
     out_paths = drawing_paths(inputs, output)
     os.makedirs(output, exist_ok=True)
     predictor = DefaultPredictor(cfg)
-    model = predictor.model
+    model = prepare_for_inference(predictor.model)  # the inference rewrites (up2.modeling.inference)
     if model.default_task is None:
         raise ValueError(f"{cfg.MODEL.WEIGHTS or 'the model'}: several tasks {sorted(model.tasks)} and no "
                          "MODEL.DEFAULT_TASK; add --opts MODEL.DEFAULT_TASK <a detection task>")

@@ -1,4 +1,4 @@
-"""conv + FrozenBN folded into one convolution without autograd (up2.layers.frozen_bn).
+"""conv + FrozenBN folded into one convolution (up2.layers.frozen_bn; applied by prepare_for_inference).
 
 The reference is detectron2's own ``Conv2d`` -> ``FrozenBatchNorm2d`` forward, on a copy of the
 same module whose convs keep detectron2's class."""
@@ -13,6 +13,7 @@ from detectron2.modeling import build_model, build_resnet_backbone
 
 from conftest import tiny_cfg
 from up2.layers.frozen_bn import FrozenBNConv2d, fold_frozen_batchnorm
+from up2.modeling.inference import prepare_for_inference
 
 
 def _randomize_norms(module, seed=0):
@@ -52,7 +53,7 @@ def _unfolded(module):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_folded_resnet_equals_detectron2_without_grad(channels_last):
+def test_folded_resnet_equals_detectron2(channels_last):
     backbone = _r50(channels_last)
     reference = copy.deepcopy(backbone)
     n_frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
@@ -71,21 +72,24 @@ def test_folded_resnet_equals_detectron2_without_grad(channels_last):
                 assert out[k].is_contiguous(memory_format=torch.channels_last), k
 
 
-def test_grad_mode_runs_detectron2_forward_and_trains_the_conv():
+def test_folded_conv_trains_like_the_unfolded_one():
+    """One path: with autograd the folded convolution runs too, and its gradients w.r.t. the
+    conv's weight, bias and input are those of conv -> norm -> activation (float rounding)."""
     conv = Conv2d(4, 6, 3, padding=1, bias=True, norm=FrozenBatchNorm2d(6), activation=F.relu)
     with torch.no_grad():
         _randomize_norms(conv)
     reference = copy.deepcopy(conv)
     assert fold_frozen_batchnorm(conv) == 1 and type(conv) is FrozenBNConv2d
-    x = torch.randn(2, 4, 8, 8)
-    out, ref = conv(x), reference(x)
-    assert torch.equal(out, ref)  # the same ops in the same order
+    assert fold_frozen_batchnorm(conv) == 0  # idempotent: already folded
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = conv(x), reference(x_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     out.square().sum().backward()
     ref.square().sum().backward()
-    assert torch.equal(conv.weight.grad, reference.weight.grad)
-    assert torch.equal(conv.bias.grad, reference.bias.grad)
-    with torch.no_grad():  # folded: conv bias, norm and activation all accounted for
-        torch.testing.assert_close(conv(x), reference(x), rtol=1e-5, atol=1e-5)
+    for got, want in ((conv.weight.grad, reference.weight.grad), (conv.bias.grad, reference.bias.grad),
+                      (x.grad, x_ref.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_no_stale_fold_after_weights_or_statistics_change():
@@ -139,6 +143,8 @@ def test_up2_model_folds_a_frozen_bn_backbone_and_predicts_the_same(shapes_datas
     cfg = resolve_task_data(tiny_cfg(task_type="instance_segmentation", **{"MODEL.RESNETS.NORM": "FrozenBN"}))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    assert not any(type(m) is FrozenBNConv2d for m in model.modules())  # the constructor does not fold
+    prepare_for_inference(model, ["fold_frozen_bn"])
     folded = [m for m in model.backbone.modules() if type(m) is FrozenBNConv2d]
     assert len(folded) == sum(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules()) > 0
     with torch.no_grad():

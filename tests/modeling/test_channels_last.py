@@ -1,7 +1,8 @@
-"""cfg.MODEL.CHANNELS_LAST: the backbone's and the proposal network's conv weights and the padded
-image batch are stored NHWC. The layout must not change what the model computes: the same
-weights with CHANNELS_LAST True and False give the same eval outputs and the same training
-losses and gradients up to float32 rounding, and checkpoints move freely between the two."""
+"""cfg.MODEL.CHANNELS_LAST: ``prepare_for_inference`` stores the backbone's and the proposal
+network's conv weights NHWC, and the padded image batch follows them; the model's constructor
+leaves the layout alone. The layout must not change what the model computes: the same weights
+in NHWC and NCHW give the same eval outputs and the same training losses and gradients up to
+float32 rounding, and checkpoints move freely between the two."""
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -9,6 +10,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
 from conftest import add_task, tiny_cfg
+from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks import resolve_task_data
 from up2.modeling.token_attributes import TaskFamily
 
@@ -25,8 +27,12 @@ def _cfg(channels_last: bool):
 
 
 def _build(channels_last: bool, seed: int):
+    """A model in training mode whose conv weights are NHWC (``channels_last``, converted by
+    ``prepare_for_inference``'s channels-last rewrite alone) or NCHW."""
     torch.manual_seed(seed)
-    return build_model(_cfg(channels_last))
+    model = build_model(_cfg(channels_last))
+    _assert_layout(model, False)  # the constructor does not convert
+    return prepare_for_inference(model, ["channels_last"]).train()
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +100,20 @@ def test_conv_weights_and_image_batch_layout(pair):
     assert feats and all(f.is_contiguous(memory_format=CL) and not f.is_contiguous() for f in feats.values())
 
 
+def test_only_prepare_for_inference_converts(shapes_datasets):
+    torch.manual_seed(0)
+    model = build_model(_cfg(True))
+    _assert_layout(model, False)
+    images, _ = model.preprocess_image(_images())
+    assert images.tensor.is_contiguous() and not images.tensor.is_contiguous(memory_format=CL)
+    assert prepare_for_inference(model) is model and not model.training
+    _assert_layout(model, True)
+    images, _ = model.preprocess_image(_images())
+    assert images.tensor.is_contiguous(memory_format=CL) and not images.tensor.is_contiguous()
+    prepare_for_inference(model)  # idempotent
+    _assert_layout(model, True)
+
+
 def test_default_config_is_channels_last():
     from detectron2.config import get_cfg
 
@@ -126,7 +146,7 @@ def test_image_encoding_matches(pair):
     _close(pa.objectness, pb.objectness, "objectness", atol=1e-5)
     _close(pa.boxes, pb.boxes, "boxes", atol=1e-6)
     _close(pa.sem, pb.sem, "sem", atol=1e-5 * pb.sem.abs().max().item())
-    _close(pa.masks, pb.masks, "mask logits", atol=1e-4)
+    _close(pa.masks_of(), pb.masks_of(), "mask logits", atol=1e-4)
     assert torch.equal(ea.tokens.regional_index, eb.tokens.regional_index)
     tokens = eb.tokens.batch.tokens
     _close(ea.tokens.batch.tokens, tokens, "image tokens", atol=1e-5 * tokens.abs().max().item())

@@ -306,7 +306,9 @@ class UP2Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """Evaluate every task on its test datasets. Returns {task: {dataset: results}} when
         there are several tasks, else detectron2's {dataset: results} (or the results dict
-        itself for a single dataset)."""
+        itself for a single dataset). ``model`` is evaluated as given: ``train_net.py --eval-only``
+        passes it through ``up2.modeling.inference.prepare_for_inference`` first; the periodic
+        evaluation during training runs the training model unprepared (same results, slower)."""
         specs = task_specs_from_config(cfg)
         check_datasets_registered(specs, train=False)
         logger = logging.getLogger("up2")

@@ -1,4 +1,4 @@
-"""Convolutions followed by a frozen BatchNorm, folded into one convolution at inference.
+"""Convolutions followed by a frozen BatchNorm, folded into one convolution.
 
 A ResNet backbone built by detectron2 with ``MODEL.RESNETS.NORM: "FrozenBN"`` is a chain of
 ``detectron2.layers.Conv2d(norm=FrozenBatchNorm2d)``. The frozen norm is a fixed per-channel
@@ -6,19 +6,17 @@ affine map, y = x * s + t with s = gamma / sqrt(var + eps) and t = beta - mean *
 
     FrozenBN(conv(x; W, b)) = conv(x; W * s, b * s + t)            (s broadcast over W's out dim)
 
-When no gradient is recorded and the convolution runs in float32 / float64, the folded
-convolution runs instead of conv-then-norm: the norm's separate pass over the feature map goes
-away. The folded weight is recomputed on every call (one pass over the weights, small next to
-the feature maps), so nothing is cached and there is nothing to invalidate when weights or norm
-buffers change. Measured on the R50 backbone at 800x1088, channels-last, 2 threads: 0.98 ->
-0.81 s float32.
+:class:`FrozenBNConv2d` runs the folded convolution in float32 / float64: the norm's separate
+pass over the feature map goes away. The folded weight is recomputed on every call (one pass
+over the weights, small next to the feature maps), so nothing is cached and there is nothing to
+invalidate when weights or norm buffers change. It is one of the inference rewrites that
+``up2.modeling.inference.prepare_for_inference`` applies (its A/B: docs/inference_rewrites.md);
+models are built with detectron2's class.
 
-Not folded (detectron2's own forward runs unchanged):
-- with autograd recording (training, or an eval forward under grad);
-- in bf16 / fp16 (autocast to them, or such inputs): the folded bias t = beta - mean * s would be
-  rounded to the low precision before it is added, which made bf16 outputs 1.6-3x further from
-  float32 than the unfolded path (the fold was 13% faster there); adding t afterwards in float32
-  is a mixed-dtype pass several times slower than the norm.
+Not folded (detectron2's own forward runs unchanged): in bf16 / fp16 (autocast to them, or such
+inputs): the folded bias t = beta - mean * s would be rounded to the low precision before it is
+added, which made bf16 outputs 1.6-3x further from float32 than the unfolded path; adding t
+afterwards in float32 is a mixed-dtype pass several times slower than the norm.
 
 The module's parameters, buffers and ``state_dict`` are detectron2's. ``torch.jit.script`` of a
 folded conv is not supported (tracing is).
@@ -36,10 +34,10 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 class FrozenBNConv2d(Conv2d):
-    """detectron2 ``Conv2d`` whose ``FrozenBatchNorm2d`` is folded into the convolution when no
-    gradient is recorded and it runs in float32 / float64 (module docstring). Input
-    (N, C_in, H, W) float, output (N, C_out, H', W'), the same as detectron2's conv -> norm ->
-    activation up to float rounding."""
+    """detectron2 ``Conv2d`` whose ``FrozenBatchNorm2d`` is folded into the convolution when it
+    runs in float32 / float64 (module docstring). Input (N, C_in, H, W) float, output
+    (N, C_out, H', W'), the same as detectron2's conv -> norm -> activation up to float rounding
+    (gradients too: the folded weight is differentiable in W)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
@@ -47,7 +45,7 @@ class FrozenBNConv2d(Conv2d):
         low_precision = x.dtype in _LOW or (
             torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in _LOW
         )
-        if torch.is_grad_enabled() or low_precision or not isinstance(norm, FrozenBatchNorm2d):
+        if low_precision or not isinstance(norm, FrozenBatchNorm2d):
             return super().forward(x)
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # s, (C_out,) in the buffers' dtype
         shift = norm.bias - norm.running_mean * scale  # t
@@ -64,7 +62,8 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     forward changes). Instances of ``Conv2d`` subclasses are left alone.
 
     Not part of the paper: an inference speed-up of the backbone (paper §5.2's ResNet-50 with
-    frozen BatchNorm); outputs are unchanged up to float rounding.
+    frozen BatchNorm), applied by ``up2.modeling.inference.prepare_for_inference``; outputs are
+    unchanged up to float rounding. Idempotent.
 
     Returns:
         The number of convolutions changed (0 for a backbone without FrozenBN, e.g. Swin).

@@ -220,7 +220,7 @@ class ImageEncoder(nn.Module):
         """
         g_tokens, g_pad = self.global_tokens(feature, image_sizes)
         index = select_regional_proposals(proposals.objectness, self.num_regional_tokens, proposals.matches)
-        masks = proposals.masks_of(index)  # (N, R, Hm, Wm): only R mask products when masks are lazy
+        masks = proposals.masks_of(index)  # (N, R, Hm, Wm): R mask products from the mask embeddings
         r_tokens = self.regional_tokens(proposals, index, masks)
         r_pad = torch.zeros(r_tokens.shape[:2], dtype=torch.bool, device=r_tokens.device)
         G, R = g_tokens.shape[1], r_tokens.shape[1]

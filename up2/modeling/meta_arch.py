@@ -16,7 +16,6 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from up2.layers.frozen_bn import fold_frozen_batchnorm
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
@@ -125,17 +124,16 @@ class UniPerceiverV2(nn.Module):
         Args:
             inference_amp: autocast dtype of eval-mode forwards (cfg.TEST.AMP); None = float32.
                 Results are returned in float32 either way.
-            channels_last: cfg.MODEL.CHANNELS_LAST: the conv weights of the backbone and the
-                proposal network and the padded image batch are stored channels-last (NHWC),
-                so every feature map stays NHWC; values are unchanged up to float rounding.
+            channels_last: cfg.MODEL.CHANNELS_LAST: ``up2.modeling.inference.prepare_for_inference``
+                stores the conv weights of the backbone and the proposal network channels-last
+                (NHWC), and then the padded image batch is made channels-last too, so every
+                feature map stays NHWC; values are unchanged up to float rounding. The
+                constructor leaves its modules as given.
             default_task: the task of ``forward`` without ``task=``; None = the only task, else
                 the only localization task (none when ambiguous: ``forward`` then asks for one).
 
         Raises:
             ValueError: no task, or a ``default_task`` that is not one of ``tasks``.
-
-        The backbone's conv + FrozenBN pairs run as one folded convolution when no gradient is
-        recorded (``up2.layers.frozen_bn``); parameters and checkpoints are unchanged.
         """
         super().__init__()
         if not tasks:
@@ -157,11 +155,6 @@ class UniPerceiverV2(nn.Module):
         self.target_cache: Optional[TargetCache] = None  # set by up2.modeling.inference.prepare_for_inference
         self.inference_amp = inference_amp
         self.channels_last = channels_last
-        if channels_last:  # 4-D parameters only (the convs); kept by .to(device) and load_state_dict
-            self.backbone.to(memory_format=torch.channels_last)
-            self.proposal_network.to(memory_format=torch.channels_last)
-        # conv + FrozenBN as one convolution when no gradient is recorded (same parameters)
-        fold_frozen_batchnorm(self.backbone)
 
     @classmethod
     def from_config(cls, cfg):
@@ -192,7 +185,8 @@ class UniPerceiverV2(nn.Module):
     # ------------------------------------------------------------------ pieces
     def preprocess_image(self, batched_inputs: Sequence[dict]) -> Tuple[ImageList, torch.Tensor]:
         """Normalise and pad. Returns the ImageList (N, 3, Hp, Wp) float (channels-last strides
-        when ``self.channels_last``) and a padding mask (N, Hp, Wp) bool (True on padding).
+        when the backbone's first conv weight is channels-last: ``prepare_for_inference`` with
+        ``self.channels_last``) and a padding mask (N, Hp, Wp) bool (True on padding).
 
         Raises:
             ValueError: an input whose "image" is not a (3, H, W) tensor.
@@ -205,12 +199,17 @@ class UniPerceiverV2(nn.Module):
                 raise ValueError(f"input {i}: 'image' must be a (3, H, W) tensor, got {got}")
             images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
         images = ImageList.from_tensors(images, self.size_divisibility)
-        if self.channels_last:
+        if self._backbone_channels_last():
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         pad = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)
         for i, (h, w) in enumerate(images.image_sizes):
             pad[i, :h, :w] = False
         return images, pad
+
+    def _backbone_channels_last(self) -> bool:
+        """Whether the backbone's first 4-D weight is stored channels-last (and not also contiguous)."""
+        w = next((p for p in self.backbone.parameters() if p.dim() == 4), None)
+        return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
     def text_parameters(self):
         """Parameters that target embeddings depend on (for the cache stamp)."""
@@ -287,8 +286,8 @@ class UniPerceiverV2(nn.Module):
         images, pad = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         targets = targets_fn(images) if (self.training and targets_fn is not None) else None
-        # without targets only the R regional proposals' masks are read: computed in image_encoder
-        proposals, losses = self.proposal_network(features, targets, padding_mask=pad, lazy_masks=targets is None)
+        # masks as embeddings: the image encoder computes the R regional proposals' mask logits
+        proposals, losses = self.proposal_network(features, targets, padding_mask=pad)
         tokens = self.image_encoder(features[self.global_feature], images.image_sizes, proposals)
         batch = tokens.batch
         batch.attributes = constant_attributes(

@@ -19,17 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConditionalMoE", "switch_balance_loss", "gelu_of_fresh"]
-
-
-def gelu_of_fresh(h: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(h)`` (exact erf form) for an ``h`` nothing else holds, e.g. a matmul's fresh
-    output: in place when autograd is off, so inference does not allocate (and page-fault) a
-    second (N, f) buffer; with autograd, ``F.gelu`` (its backward needs ``h``). Same values:
-    bf16 / fp16 are computed in float32 and rounded back either way."""
-    if torch.is_grad_enabled():
-        return F.gelu(h)
-    return torch.ops.aten.gelu_(h)
+__all__ = ["ConditionalMoE", "switch_balance_loss"]
 
 
 def switch_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -207,11 +197,8 @@ class ConditionalMoE(nn.Module):
         outputs = []
         for g, chunk in enumerate(chunks):  # loop over the few distinct attribute rows
             idx = expert_idx[g]  # (k,)
-            if not torch.is_grad_enabled():
-                outputs.append(self._experts_inference(chunk, idx.tolist(), weights[g]))
-                continue
             h = torch.baddbmm(self.b1[idx, None, :], chunk.expand(self.top_k, -1, -1), self.w1[idx])  # (k, n, f)
-            h = self.dropout(gelu_of_fresh(h))
+            h = self.dropout(F.gelu(h))
             y = torch.baddbmm(self.b2[idx, None, :], h, self.w2[idx])  # (k, n, d)
             outputs.append((weights[g].to(y.dtype)[:, None, None] * y).sum(0))  # (n, d)
         undo = torch.empty_like(order)
@@ -222,22 +209,3 @@ class ConditionalMoE(nn.Module):
             loss = self.balance_loss_weight * switch_balance_loss(probs, expert_idx, counts)
         return out.reshape(*lead, self.embed_dim), loss
 
-    def _experts_inference(self, chunk: torch.Tensor, experts, weights: torch.Tensor) -> torch.Tensor:
-        """Without autograd: ``sum_j weights[j] * FFN_{experts[j]}(chunk)`` one expert at a time,
-        on views of the expert weights. The batched path gathers ``w1[idx]`` / ``w2[idx]``, two
-        (k, d, f) copies per layer and call (25 ms over a forward at 800x1067). Same products and
-        the same left-to-right sum.
-
-        Args:
-            chunk: (n, d) tokens of one attribute group.  experts: k expert ids.  weights: (k,) gate weights.
-
-        Returns:
-            (n, d).
-        """
-        out = None
-        for j, e in enumerate(experts):
-            h = self.dropout(gelu_of_fresh(torch.addmm(self.b1[e], chunk, self.w1[e])))  # (n, f)
-            y = torch.addmm(self.b2[e], h, self.w2[e])  # (n, d)
-            y.mul_(weights[j].to(y.dtype))
-            out = y if out is None else out.add_(y)
-        return out

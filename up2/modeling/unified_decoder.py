@@ -17,7 +17,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from up2.modeling.decoder_outputs import SPE, DecoderCache, DecoderOutput, segment_span
-from up2.modeling.moe import ConditionalMoE, gelu_of_fresh
+from up2.modeling.moe import ConditionalMoE
 from up2.modeling.token_attributes import ATTRIBUTE_DIM
 from up2.structures import TokenAttention, TokenBatch
 
@@ -61,7 +61,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attributes: torch.Tensor | None = None) -> Tuple[torch.Tensor, None]:
-        return self.fc2(self.dropout(gelu_of_fresh(self.fc1(x)))), None
+        return self.fc2(self.dropout(F.gelu(self.fc1(x)))), None
 
 
 class UnifiedDecoderLayer(nn.Module):
@@ -86,22 +86,12 @@ class UnifiedDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None,
-                rows: Optional[slice] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend); attributes: (B, T, A)
-        or None. Returns ((B, T, d), the FFN's auxiliary loss (0-dim) or None); with ``rows`` (a
-        slice of the T positions) only those positions are computed, as queries over all T keys:
-        (B, len(rows), d)."""
+        or None. Returns ((B, T, d), the FFN's auxiliary loss (0-dim) or None)."""
         B, T, d = x.shape
-        shape = (B, -1, self.num_heads, d // self.num_heads)
-        if rows is None:
-            q, k, v = self.qkv(x).view(B, T, 3, *shape[2:]).permute(2, 0, 3, 1, 4)
-        else:  # queries of the kept rows only; keys and values of every token
-            kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])
-            k, v = kv.view(B, T, 2, *shape[2:]).permute(2, 0, 3, 1, 4)
-            x, attn_mask = x[:, rows], attn_mask[:, :, rows]
-            attributes = None if attributes is None else attributes[:, rows]
-            q = F.linear(x, self.qkv.weight[:d], self.qkv.bias[:d]).view(shape).transpose(1, 2)
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
@@ -221,10 +211,7 @@ class UnifiedDecoder(nn.Module):
             batch: TokenBatch WITHOUT ``[SPE]``: tokens (B, T, d) float, padding_mask (B, T) bool,
                 named ``segments``.
             read: the segments the caller reads (``"spe"`` and names of ``batch.segments``);
-                None = all. In eval mode the last layer computes only the positions from the
-                first to the last read segment (queries over every key): the same values for a
-                fraction of its cost. In training every layer runs in full, so the MoE
-                load-balancing loss sees every token.
+                None = all. The output holds the positions from the first to the last of them.
 
         Returns:
             DecoderOutput: the features of the read span, its named segments and the MoE
@@ -237,17 +224,14 @@ class UnifiedDecoder(nn.Module):
             raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
         batch = self.with_spe(batch)
         span = segment_span(batch.segments, read, batch.tokens.shape[1])
-        mask = build_attention_mask(batch)
         x = self.input_dropout(self.input_norm(batch.tokens))
-        last = len(self.layers) - 1
+        mask = build_attention_mask(batch)
         aux = []
-        for i, layer in enumerate(self.layers):
-            rows = span if i == last and not self.training else None
-            x, loss = layer(x, mask, batch.attributes, rows)
+        for layer in self.layers:
+            x, loss = layer(x, mask, batch.attributes)
             if loss is not None:
                 aux.append(loss)
-        if self.training or not self.layers:
-            x = x[:, span]
+        x = x[:, span]
         segments = {name: slice(part.start - span.start, part.stop - span.start)
                     for name, part in batch.segments.items() if span.start <= part.start and part.stop <= span.stop}
         return DecoderOutput(x, segments, torch.stack(aux).sum() if aux else None)

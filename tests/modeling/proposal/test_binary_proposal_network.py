@@ -54,7 +54,7 @@ def test_training_and_inference_api():
     out, losses = net(feats, [_targets(), _empty()])
     assert isinstance(out, ProposalOutput)
     assert out.sem.shape == (2, 10, 32) and out.boxes.shape == (2, 10, 4)
-    assert out.masks.shape == (2, 10, IMG // 4, IMG // 4) and out.objectness.shape == (2, 10)
+    assert out.masks_of().shape == (2, 10, IMG // 4, IMG // 4) and out.objectness.shape == (2, 10)
     assert list(losses) == net.loss_keys and "loss_objectness" in losses and "loss_dice_dn" in losses
     assert len(out.matches) == 2 and out.matches[0][0].numel() == 2 and out.matches[1][0].numel() == 0
     sum(losses.values()).backward()
@@ -113,40 +113,31 @@ def test_bf16_autocast_forward_backward():
     sum(losses.values()).backward()
 
 
-def test_lazy_masks_equal_the_computed_masks():
-    """``lazy_masks``: the last layer's mask products are left to ``ProposalOutput.masks_of``,
-    which gives the same logits for any subset of proposals (and for all of them); with targets
-    the flag is ignored (the losses need every mask)."""
+def test_masks_of_gives_the_mask_logits_of_any_proposals():
+    """The network returns masks as embeddings (training and inference alike);
+    ``ProposalOutput.masks_of`` gives the logits of any subset of proposals (and of all of them),
+    equal to the last layer's full mask logits; with targets the output is the same kind."""
     net = _net().eval()
-    feats = _features(n=2, seed=3)  # (seed 0 puts a selection logit 1.4e-6 from 0: see below)
+    feats = _features(n=2, seed=3)
     with torch.no_grad():
-        eager, _ = net(feats)
-        lazy, _ = net(feats, lazy_masks=True)
-    assert eager.masks is not None and eager.mask_embed is None
-    assert lazy.masks is None and lazy.mask_embed.shape == (2, 10, 32) and lazy.mask_features.shape[:2] == (2, 32)
-    # The lazy query selection takes its mask-initialised reference boxes from chunked bmm
-    # products instead of the einsum's logits: other GEMM shapes, other rounding. With no
-    # selection logit within rounding of 0 the boxes (whole pixels) agree, and so does
-    # everything downstream, up to fp32 rounding (the closest logit here is 1.5e-4 from 0).
-    with torch.no_grad():
-        interm = net.decoder(net.pixel_decoder(feats)).interm
-    assert interm.masks.abs().min() > 1e-5
-    for name in ("sem", "boxes", "objectness"):
-        torch.testing.assert_close(getattr(lazy, name), getattr(eager, name), rtol=1e-5, atol=1e-6, msg=name)
+        out, _ = net(feats)
+        full = net.decoder(net.pixel_decoder(feats)).layers[-1].mask_logits()  # (N, Q, Hm, Wm)
+    assert out.masks is None and out.mask_embed.shape == (2, 10, 32) and out.mask_features.shape[:2] == (2, 32)
     index = torch.tensor([[3, 0, 9], [9, 9, 1]])
-    for out in (eager, lazy):
-        picked = out.masks_of(index)
-        assert picked.shape == (2, 3) + eager.masks.shape[2:]
-        for n in range(2):
-            for r in range(3):
-                torch.testing.assert_close(picked[n, r], eager.masks[n, index[n, r]], rtol=0, atol=1e-5)
-    torch.testing.assert_close(lazy.masks_of(), eager.masks, rtol=0, atol=1e-5)
+    picked = out.masks_of(index)
+    assert picked.shape == (2, 3) + full.shape[2:]
+    for n in range(2):
+        for r in range(3):
+            torch.testing.assert_close(picked[n, r], full[n, index[n, r]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.masks_of(), full, rtol=0, atol=1e-5)
+    given = ProposalOutput(sem=out.sem, boxes=out.boxes, masks=full, objectness=out.objectness)
+    torch.testing.assert_close(given.masks_of(index), picked, rtol=0, atol=1e-5)
     net.train()
-    trained, _ = net(feats, [_targets(), _targets()], lazy_masks=True)
-    assert trained.masks is not None and trained.mask_embed is None
+    trained, _ = net(feats, [_targets(), _targets()])
+    assert trained.masks is None and trained.mask_embed.shape == (2, 10, 32)
     for bad in (torch.tensor([[0, 1]]), torch.tensor([0, 1]), index.int(), index.float()):  # wrong N, rank, dtype
-        for out in (eager, lazy):
+        for o in (out, given):
             with pytest.raises(ValueError, match=r"index must be \(N=2, R\) int64"):
-                out.masks_of(bad)
+                o.masks_of(bad)
     with pytest.raises(ValueError, match="no masks"):
-        ProposalOutput(sem=eager.sem, boxes=eager.boxes, masks=None, objectness=eager.objectness).masks_of(index)
+        ProposalOutput(sem=out.sem, boxes=out.boxes, masks=None, objectness=out.objectness).masks_of(index)

@@ -5,6 +5,7 @@ from conftest import assert_grad_norm, random_projection
 from torchvision.ops import box_convert
 
 from up2.modeling.proposal.decoder import ProposalDecoder
+from up2.modeling.proposal.query_selection import boxes_from_mask_embed, pixel_anchors
 from up2.modeling.proposal.denoising import build_denoising_queries
 from up2.structures import PixelDecoderOutput
 
@@ -51,14 +52,18 @@ def test_shapes_and_ranges():
     for p in [out.interm] + out.layers:
         assert p.objectness.shape == (2, 6) and p.boxes.shape == (2, 6, 4)
         assert bool(((p.boxes >= 0) & (p.boxes <= 1)).all())
-    # inference without targets: only the last layer's masks (and the selection stage's) are computed
-    assert out.interm.masks.shape == (2, 6, HM, HM) and out.layers[-1].masks.shape == (2, 6, HM, HM)
-    assert all(p.masks is None for p in out.layers[:-1])
+    # masks are carried as embeddings: without targets only the last layer's (and the selection
+    # stage's) mask head runs
+    assert all(p.masks is None for p in [out.interm] + out.layers)
+    assert out.interm.mask_logits().shape == (2, 6, HM, HM) and out.layers[-1].mask_logits().shape == (2, 6, HM, HM)
+    assert all(p.mask_embed is None and p.mask_logits() is None for p in out.layers[:-1])
+    last = out.layers[-1]
+    torch.testing.assert_close(last.mask_logits(), torch.einsum("nqd,ndhw->nqhw", last.mask_embed, last.mask_features))
     # with targets every layer has masks (for the losses), and the last layer is the same
     full = dec(_enc(), GT)
-    assert all(p.masks.shape == (2, 6, HM, HM) for p in full.layers)
+    assert all(p.mask_logits().shape == (2, 6, HM, HM) for p in full.layers)
     # (eval: no denoising queries, so the last layer is the same computation on the same inputs)
-    for name in ("objectness", "boxes", "masks"):
+    for name in ("objectness", "boxes", "mask_embed"):
         torch.testing.assert_close(getattr(full.layers[-1], name), getattr(out.layers[-1], name), rtol=0, atol=0)
     assert out.query_features.shape == (2, 6, D)
     # final LayerNorm: zero mean, unit variance per query (default affine init)
@@ -69,7 +74,8 @@ def test_shapes_and_ranges():
 def test_topk_selects_highest_scoring_valid_pixels(padding):
     dec = _decoder(init_box_from_mask=False).eval()
     enc = _enc(padding=padding)
-    memory, anchors_unact, valid = dec.pixel_proposals(enc)
+    anchors, valid = pixel_anchors(enc)
+    memory = dec.enc_output_norm(dec.enc_output(enc.memory.masked_fill(~valid[..., None], 0.0)))
     scores = dec.enc_objectness(memory)[..., 0]
     out = dec(enc)
     for i in range(2):
@@ -78,18 +84,26 @@ def test_topk_selects_highest_scoring_valid_pixels(padding):
     if padding:
         # image 1's right half is padding: every selected anchor centre has x < 0.5
         sel = scores[1].masked_fill(~valid[1], float("-inf")).topk(6).indices
-        assert bool((anchors_unact[1, sel, 0].sigmoid() < 0.5).all())
+        assert bool((anchors[1, sel, 0] < 0.5).all())
     # with zero-initialised box deltas, the selected boxes are the anchors: side 0.05 * 2**rank
     sides = out.interm.boxes[..., 2].detach()
     allowed = torch.tensor([0.05, 0.1, 0.2])  # finest (8x8) .. coarsest (2x2)
     assert bool(((sides[..., None] - allowed).abs().min(-1).values < 1e-4).all())
 
 
+def boxes_from_masks(logits, fallback, chunk=32):
+    """``boxes_from_mask_embed`` of given logits (N, Q, H, W): mask features = the one-hot basis
+    of the H*W pixels, embeddings = the logits, so every product is exactly one logit."""
+    n, q, h, w = logits.shape
+    basis = torch.eye(h * w).view(1, h * w, h, w).expand(n, -1, -1, -1)
+    return boxes_from_mask_embed(logits.flatten(2), basis, fallback, chunk=chunk)
+
+
 def test_boxes_from_masks_hand_computed():
     logits = torch.full((1, 2, 8, 8), -1.0)
     logits[0, 0, 2:4, 1:6] = 1.0  # rows 2-3, cols 1-5
     fallback = torch.full((1, 2, 4), 0.5)
-    boxes = ProposalDecoder.boxes_from_masks(logits, fallback)
+    boxes = boxes_from_masks(logits, fallback)
     expected = box_convert(torch.tensor([[1 / 8, 2 / 8, 6 / 8, 4 / 8]]), "xyxy", "cxcywh")[0]
     torch.testing.assert_close(boxes[0, 0], expected)
     torch.testing.assert_close(boxes[0, 1], fallback[0, 1])  # empty mask -> fallback
@@ -117,12 +131,12 @@ def test_boxes_from_masks_match_a_pixel_loop():
     logits[1, 2] = 1.0  # everything
     fallback = torch.rand(2, 9, 4, generator=g)
     expected = _boxes_brute_force(logits, fallback)
-    torch.testing.assert_close(ProposalDecoder.boxes_from_masks(logits, fallback), expected)
-    torch.testing.assert_close(ProposalDecoder.boxes_from_masks(logits, fallback)[0, 0], fallback[0, 0])
+    for chunk in (1, 4, 7, 100):
+        torch.testing.assert_close(boxes_from_masks(logits, fallback, chunk), expected)
+    torch.testing.assert_close(boxes_from_masks(logits, fallback)[0, 0], fallback[0, 0])
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 7, 100])
-def test_boxes_from_mask_embed_equal_boxes_of_the_full_logits(chunk):
+def test_boxes_from_mask_embed_equal_boxes_of_the_full_logits():
     g = torch.Generator().manual_seed(4)
     n, q, d, h, w = 2, 13, 8, 10, 14
     embed = torch.randn(n, q, d, generator=g)
@@ -132,50 +146,37 @@ def test_boxes_from_mask_embed_equal_boxes_of_the_full_logits(chunk):
     embed[0, 3] = 0.0  # all logits 0: an empty mask
     fallback = torch.rand(n, q, 4, generator=g)
     logits = torch.einsum("nqd,ndhw->nqhw", embed, feats)
-    # The chunked bmm and the einsum round differently (other GEMM shapes); a logit within
-    # rounding of 0 could flip a pixel. The data keeps every logit (but the all-zero mask) far
-    # from 0, so the boxes must agree exactly.
+    # chunked bmm and einsum round differently; the data keeps every logit (but the all-zero
+    # mask's) far from 0, so the boxes must agree exactly
     assert logits.abs().flatten(2).amin(2).masked_fill(embed.abs().amax(2) == 0, 1.0).min() > 1e-5
     expected = _boxes_brute_force(logits, fallback)
-    got = ProposalDecoder.boxes_from_mask_embed(embed, feats, fallback, chunk=chunk)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(got[0, 3], fallback[0, 3])
-    # channels-last mask features give the same boxes
-    cl = feats.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(ProposalDecoder.boxes_from_mask_embed(embed, cl, fallback, chunk=chunk), expected)
+    for chunk in (1, 4, 100):
+        torch.testing.assert_close(boxes_from_mask_embed(embed, feats, fallback, chunk=chunk), expected)
+        cl = feats.contiguous(memory_format=torch.channels_last)  # any layout
+        torch.testing.assert_close(boxes_from_mask_embed(embed, cl, fallback, chunk=chunk), expected)
 
 
 def test_boxes_from_mask_embed_rejects_bad_input():
     embed, feats, fb = torch.randn(1, 3, 8), torch.randn(1, 8, 4, 4), torch.rand(1, 3, 4)
     with pytest.raises(ValueError, match="chunk"):
-        ProposalDecoder.boxes_from_mask_embed(embed, feats, fb, chunk=0)
+        boxes_from_mask_embed(embed, feats, fb, chunk=0)
     with pytest.raises(ValueError, match="mask_features"):
-        ProposalDecoder.boxes_from_mask_embed(embed, torch.randn(1, 7, 4, 4), fb)
+        boxes_from_mask_embed(embed, torch.randn(1, 7, 4, 4), fb)
 
 
-def test_lazy_selection_gives_the_same_queries_and_boxes():
-    """``lazy_masks`` at inference: the mask-initialised reference boxes (and so every layer's
-    output) are those of the computed selection masks; ``interm`` keeps its mask embeddings."""
-    dec = _decoder().eval()
+def test_selection_boxes_come_from_the_selection_masks():
+    """``init_box_from_mask``: the first layer's reference boxes are the boxes of the selected
+    queries' masks (the interm mask logits), not the raw selection boxes."""
     enc = _enc(padding=True)
     with torch.no_grad():
-        eager = dec(enc)
-        lazy = dec(enc, lazy_masks=True)
-    assert lazy.interm.masks is None and lazy.interm.mask_embed.shape == (2, 6, D)
-    torch.testing.assert_close(lazy.interm.boxes, eager.interm.boxes, rtol=0, atol=0)
-    # The mask-initialised reference boxes come from the einsum's logits (eager) and from chunked
-    # bmm products (lazy), which round differently; no selection logit lies within rounding
-    # (~1e-6 for D=32) of 0 here (the closest is 4e-5), so the boxes, whole pixels, are equal.
-    assert eager.interm.masks.abs().min() > 1e-5
-    for a, b in zip(eager.layers, lazy.layers):
-        torch.testing.assert_close(b.boxes, a.boxes, rtol=0, atol=1e-6)
-        torch.testing.assert_close(b.objectness, a.objectness, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lazy.query_features, eager.query_features, rtol=1e-5, atol=1e-5)
-    # the selection boxes really came from the masks: they differ from the raw selection boxes
-    raw = _decoder(init_box_from_mask=False).eval()
-    with torch.no_grad():
-        plain = raw(enc, lazy_masks=True)
-    assert not torch.allclose(plain.layers[0].boxes, lazy.layers[0].boxes)
+        dec = _decoder().eval()
+        interm, _, ref = dec.select_queries(enc)
+        torch.testing.assert_close(ref, boxes_from_mask_embed(interm.mask_embed, enc.mask_features, interm.boxes),
+                                   rtol=0, atol=0)
+        out = dec(enc)
+        torch.testing.assert_close(out.layers[0].boxes, ref, rtol=0, atol=0)  # stage 0 predicts on the refs
+        plain = _decoder(init_box_from_mask=False).eval()(enc)
+    assert not torch.allclose(plain.layers[0].boxes, out.layers[0].boxes)
 
 
 def test_denoising_groups_noise_and_attention_mask():
@@ -252,7 +253,7 @@ def test_gradients_and_bf16_autocast():
     enc = _enc()
     enc.memory.requires_grad_(True)
     out = dec(enc, GT)
-    loss = sum(p.objectness.sum() + p.boxes.sum() + p.masks.mean() for p in out.layers + out.dn_layers)
+    loss = sum(p.objectness.sum() + p.boxes.sum() + p.mask_logits().mean() for p in out.layers + out.dn_layers)
     (loss + out.interm.objectness.sum()).backward()
     # (norms here: memory 5.6, enc_objectness 34, dn_label_embed 14)
     assert_grad_norm(enc.memory.grad, 0.5, "memory")

@@ -86,7 +86,6 @@ class BinaryProposalNetwork(nn.Module):
         features: Dict[str, torch.Tensor],
         targets: Optional[Sequence[ProposalTargets]] = None,
         padding_mask: Optional[torch.Tensor] = None,
-        lazy_masks: bool = False,
     ) -> Tuple[ProposalOutput, Dict[str, torch.Tensor]]:
         """Propose regions (and compute proposal losses when targets are given).
 
@@ -97,14 +96,12 @@ class BinaryProposalNetwork(nn.Module):
                 image; masks (K, Hp, Wp) bool at the padded size or None), or None at inference.
                 Denoising queries are used only when the module is in training mode.
             padding_mask: (N, Hp, Wp) bool, True on padded pixels, or None.
-            lazy_masks: without targets, return ``masks`` None with ``mask_embed`` and
-                ``mask_features`` set, so that ``ProposalOutput.masks_of(index)`` computes only
-                the masks read (at inference up2 reads R of the Q proposals). Ignored with targets.
 
         Returns:
             (ProposalOutput, losses): the last decoder layer's Q proposals (sem (N, Q, D),
-            boxes (N, Q, 4) normalised cxcywh, masks (N, Q, Hm, Wm) logits (None with
-            ``lazy_masks``), objectness (N, Q) logits, matches per image when targets are
+            boxes (N, Q, 4) normalised cxcywh, objectness (N, Q) logits, masks as mask embeddings
+            (N, Q, D) and mask features (N, D, Hm, Wm): ``ProposalOutput.masks_of(index)``
+            computes the logits of the proposals read; matches per image when targets are
             given, else None) and the weighted losses keyed as ``loss_keys`` (``{}`` without
             targets).
 
@@ -115,11 +112,10 @@ class BinaryProposalNetwork(nn.Module):
         n = enc.memory.shape[0]
         if targets is not None:
             targets = self._check_targets(targets, n, enc.memory.device)
-        out = self.decoder(enc, [t.boxes for t in targets] if targets is not None else None, lazy_masks=lazy_masks)
+        out = self.decoder(enc, [t.boxes for t in targets] if targets is not None else None)
         last = out.layers[-1]
-        proposals = ProposalOutput(sem=out.query_features, boxes=last.boxes, masks=last.masks,
-                                   objectness=last.objectness, mask_embed=last.mask_embed,
-                                   mask_features=enc.mask_features if last.masks is None else None)
+        proposals = ProposalOutput(sem=out.query_features, boxes=last.boxes, masks=None, objectness=last.objectness,
+                                   mask_embed=last.mask_embed, mask_features=last.mask_features)
         if targets is None:
             return proposals, {}
         losses, matches = self.criterion(out, targets)

@@ -37,7 +37,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from up2.modeling.proposal.decoder import ProposalDecoderOutput, ProposalPredictions
+from up2.modeling.proposal.predictions import ProposalDecoderOutput, ProposalPredictions
 from up2.modeling.proposal.matcher import HungarianMatcher, point_sample, uncertain_point_coords
 from up2.structures import ProposalTargets
 
@@ -164,11 +164,14 @@ class ProposalCriterion(nn.Module):
         obj_valid: Optional[torch.Tensor],
         num_boxes: torch.Tensor,
         num_masks: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Unweighted losses of one stage.
 
         Args:
             pred: the stage's predictions (N, X, ...).  targets: N ProposalTargets.
+            masks: (N, X, Hm, Wm) the stage's mask logits when already computed, else None
+                (computed here from ``pred`` when the criterion has mask losses).
             matches: N (query_idx, tgt_idx) pairs supervised towards boxes / masks.
             obj_target: (N, X) float objectness targets.  obj_valid: (N, X) bool or None (all).
             num_boxes, num_masks: () float normalisers.
@@ -193,7 +196,8 @@ class ProposalCriterion(nn.Module):
             losses["box"] = losses["giou"] = pred.boxes.sum() * 0.0
 
         if self.with_masks:
-            losses.update(self._mask_losses(pred.masks, targets, matches, num_masks))
+            masks = pred.mask_logits() if masks is None else masks
+            losses.update(self._mask_losses(masks, targets, matches, num_masks))
         return losses
 
     def _mask_losses(self, masks: torch.Tensor, targets: Sequence[ProposalTargets], matches: Matches,
@@ -218,11 +222,12 @@ class ProposalCriterion(nn.Module):
         return {"mask": bce.sum() / num_masks, "dice": _dice_loss(src_points, tgt_points).sum() / num_masks}
 
     def _matched_losses(self, pred, targets, num_boxes, num_masks) -> Tuple[Dict[str, torch.Tensor], Matches]:
-        matches = self.matcher(pred.objectness, pred.boxes, targets, pred.masks if self.with_masks else None)
+        masks = pred.mask_logits() if self.with_masks else None  # (N, Q, Hm, Wm), once for matcher and losses
+        matches = self.matcher(pred.objectness, pred.boxes, targets, masks)
         obj_target = torch.zeros_like(pred.objectness, dtype=torch.float32)
         for i, (q, _) in enumerate(matches):
             obj_target[i, q] = 1.0
-        return self._stage_losses(pred, targets, matches, obj_target, None, num_boxes, num_masks), matches
+        return self._stage_losses(pred, targets, matches, obj_target, None, num_boxes, num_masks, masks), matches
 
     # ------------------------------------------------------------------ forward
     def forward(

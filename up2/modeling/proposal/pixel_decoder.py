@@ -20,7 +20,6 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec
 from torch import nn
 
-from up2.layers.feature_ops import add_upsampled_2x_, group_norm_
 from up2.layers.msda import MSDeformAttn
 from up2.modeling.proposal.position_encoding import position_encoding_2d
 from up2.structures import PixelDecoderOutput
@@ -61,25 +60,6 @@ def _pointwise_conv_nchw(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out.view(n, conv.out_channels, h, w)
 
 
-def _conv_norm_act(conv: Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a detectron2 ``Conv2d`` (conv, norm, activation). Without autograd a
-    GroupNorm on a float32 / float64 output is applied in place on the convolution's fresh
-    output (``up2.layers.feature_ops.group_norm_``: no second map, half the time); in bf16 /
-    fp16 torch's GroupNorm is faster and runs as usual.
-
-    Args:
-        conv: detectron2 ``Conv2d``.  x: (N, C_in, H, W) float.
-
-    Returns:
-        (N, C_out, H', W'), as ``conv(x)`` up to float rounding.
-    """
-    if torch.is_grad_enabled() or type(conv.norm) is not nn.GroupNorm:
-        return conv(x)
-    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    y = group_norm_(y, conv.norm) if y.dtype in (torch.float32, torch.float64) else conv.norm(y)
-    return y if conv.activation is None else conv.activation(y)
-
-
 def _group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups, or the largest divisor of ``channels`` below 32."""
     return nn.GroupNorm(math.gcd(32, channels), channels)
@@ -87,21 +67,13 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 class DeformableEncoderLayer(nn.Module):
     """One deformable encoder layer: MSDeformAttn self-attention then an FFN, each followed
-    by residual + LayerNorm (post-norm, Deformable DETR).
-
-    Without autograd the FFN runs over ``ffn_chunk`` tokens at a time (row-wise, so the same
-    values up to the rounding of GEMMs over fewer rows, ~1e-7 in float32): at 800x1067 the
-    (S, ffn_dim) hidden of all S = 17,850 tokens is a 73 MB float32 buffer, which the allocator
-    maps fresh (page faults) on every call; 4,096-token pieces are reused from the heap and stay
-    in cache. Measured on one layer, 2 threads: 110 -> 82 ms fp32, 41 -> 28 ms bf16. The two
-    residual sums are then written in place (same values).
+    by residual + LayerNorm (post-norm, Deformable DETR). ``prepare_for_inference`` makes it
+    ``up2.modeling.inference.ChunkedFFNEncoderLayer`` (same values, less memory traffic).
 
     Args:
         dim: D.  num_heads: M.  num_levels: L.  num_points: P.  ffn_dim: FFN hidden width.
         dropout: dropout probability after attention and inside / after the FFN.
     """
-
-    ffn_chunk = 4096  # tokens per FFN piece without autograd
 
     def __init__(self, dim: int, num_heads: int, num_levels: int, num_points: int, ffn_dim: int, dropout: float):
         super().__init__()
@@ -126,16 +98,8 @@ class DeformableEncoderLayer(nn.Module):
             (N, S, D).
         """
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        if torch.is_grad_enabled():
-            src = self.norm1(src + self.dropout1(attn))
-            return self.norm2(src + self.dropout3(self._ffn(src)))
-        # Without autograd the residual sums are written in place, into the attention's and
-        # norm1's fresh outputs (a + b == b + a exactly): two fewer (N, S, D) buffers per layer.
-        src = self.norm1(self.dropout1(attn).add_(src))
-        for start in range(0, src.shape[1], self.ffn_chunk):
-            piece = src[:, start : start + self.ffn_chunk]
-            piece.add_(self.dropout3(self._ffn(piece)))  # the FFN has read the piece before the add
-        return self.norm2(src)
+        src = self.norm1(src + self.dropout1(attn))
+        return self.norm2(src + self.dropout3(self._ffn(src)))
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         # in place: ReLU's backward needs only its output, and linear1 keeps its own input
@@ -291,7 +255,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
         srcs, poss, masks, shapes = [], [], [], []
         for lvl, name in enumerate(self.in_features):
-            x = _conv_norm_act(self.input_proj[lvl], features[name])  # (N, D, h, w)
+            x = self.input_proj[lvl](features[name])  # (N, D, h, w)
             h, w = x.shape[-2:]
             shapes.append((h, w))
             if padding_mask is not None:
@@ -326,19 +290,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
             chunk.transpose(1, 2).reshape(n, self.hidden_dim, h, w)
             for chunk, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
-        lateral = _conv_norm_act(self.lateral_conv, features[self.mask_in_feature])
-        h, w = shapes[-1]
-        if not torch.is_grad_enabled() and tuple(lateral.shape[-2:]) == (2 * h, 2 * w):
-            # the usual case (stride 4 next to a finest level of stride 8): two in-place passes
-            # with fixed weights instead of a new upsampled map (up2.layers.feature_ops)
-            add_upsampled_2x_(lateral, multi_scale[-1])
-        else:
-            # NCHW input: bilinear upsampling of the channels-last view (as memory is laid out)
-            # returns NCHW through a slow layout copy; copying the small input first is faster
-            finest = F.interpolate(multi_scale[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear",
-                                   align_corners=False)
-            lateral.add_(finest)  # in place: GroupNorm's fresh output (its backward does not need it)
-        mask_features = _pointwise_conv_nchw(self.mask_features, _conv_norm_act(self.output_conv, lateral))
+        lateral = self.lateral_conv(features[self.mask_in_feature])
+        # NCHW input: bilinear upsampling of the channels-last view (as memory is laid out)
+        # returns NCHW through a slow layout copy; copying the small input first is faster
+        finest = F.interpolate(multi_scale[-1].contiguous(), size=lateral.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        lateral.add_(finest)  # in place: GroupNorm's fresh output (its backward does not need it)
+        mask_features = _pointwise_conv_nchw(self.mask_features, self.output_conv(lateral))
         return PixelDecoderOutput(
             mask_features=mask_features,
             memory=memory,
