@@ -62,6 +62,7 @@ def build_up2(config: str, device: str, text_folder: str, names, caption_length:
     from detectron2.modeling import build_model
 
     from up2 import add_up2_config
+    from up2.modeling.inference import prepare_for_inference
     from up2.modeling.tasks import resolve_task_data
 
     cfg = get_cfg()
@@ -82,8 +83,6 @@ def build_up2(config: str, device: str, text_folder: str, names, caption_length:
     cfg = resolve_task_data(cfg)
     cfg.freeze()
     torch.manual_seed(0)
-    from up2.modeling.inference import prepare_for_inference
-
     return prepare_for_inference(build_model(cfg))  # eval + the inference rewrites, as the predictors
 
 
@@ -92,9 +91,8 @@ def random_image(h: int, w: int, seed: int) -> torch.Tensor:
 
 
 def set_channels_last(model, on: bool) -> None:
-    """What ``MODEL.CHANNELS_LAST`` builds: backbone, proposal network and padded batches in NHWC (or NCHW)."""
+    """The ``channels_last`` rewrite on or off: backbone, proposal network and padded batches NHWC / NCHW."""
     fmt = torch.channels_last if on else torch.contiguous_format
-    model.channels_last = on
     model.backbone.to(memory_format=fmt)
     model.proposal_network.to(memory_format=fmt)
 
