@@ -110,6 +110,13 @@ def test_single_image_and_bad_input(predictor):
         predictor.classify([], ["a"])
     with pytest.raises(TypeError, match=r"images\[1\]"):
         predictor.segment([photo, 3])
+    one = predictor.retrieve(photo, ["a red circle", "two squares"])  # one image: a (1, J) matrix
+    assert one.shape == (1, 2)
+    torch.testing.assert_close(one, predictor.retrieve([photo], ["a red circle", "two squares"]))
+    with pytest.raises(ValueError, match=r"did you mean \['a red circle'\]"):
+        predictor.retrieve([photo], "a red circle")  # not split into letters
+    with pytest.raises(ValueError, match="non-empty strings"):
+        predictor.retrieve([photo], ["a red circle", " "])
 
 
 def test_batch_predictor_matches_default_predictor_up2(cfg):

@@ -17,7 +17,7 @@ fi
 # (this machine's pip config names local wheel folders that may be absent: drop those warnings)
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location" >&2); }
 pip install --upgrade "pip>=24" wheel "setuptools<81"
-# PyTorch: the versions that lie on this machine's disk (see the README's Install section).
+# PyTorch: the versions that lie on this machine's disk (see docs/development.md, Install).
 "$VENV/bin/python" -c "import torch, torchvision" 2>/dev/null || pip install torch==2.14.1 torchvision==0.29.1
 # detectron2's own dependencies (installed before it so an existing build finds them too).
 pip install "fvcore>=0.1.5" "iopath>=0.1.9" pycocotools "omegaconf>=2.1,<2.4" "hydra-core>=1.1" yacs termcolor tabulate cloudpickle matplotlib "setuptools<81"

@@ -209,17 +209,21 @@ class GeneralistPredictor:
             o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length)])
 
     @torch.no_grad()
-    def retrieve(self, images: Sequence[ImageLike], texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+    def retrieve(self, images: ImagesLike, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """(I, J) float32 cosine similarity between images and texts (paper Eq. 6 without tau);
-        images are embedded in batches of ``batch_size``.
+        images (one, or a list) are embedded in batches of ``batch_size``.
 
         Raises:
-            ValueError: no images or no texts, an empty text, ``batch_size`` < 1.
+            ValueError: no images or no texts, texts given as one string (not a list), an empty
+                text, ``batch_size`` < 1.
         """
-        if len(images) == 0 or len(texts) == 0:
-            raise ValueError("retrieve needs at least one image and one text")
-        if any(not t.strip() for t in texts):
-            raise ValueError("retrieve: texts must not be empty strings")
+        images, _ = _as_list(images)
+        if isinstance(texts, (str, bytes)):
+            raise ValueError(f"retrieve: texts must be a list of strings, got one string (did you mean [{texts!r}]?)")
+        if len(texts) == 0:
+            raise ValueError("retrieve needs at least one text")
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError(f"retrieve: texts must be non-empty strings, got {list(texts)!r}")
         task = self.model.tasks[self._task("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL)]
         with self.model.inference_autocast():
             img = torch.stack(self._map(list(images), batch_size, lambda xs: list(task.embed_images(self.model, xs))))

@@ -109,6 +109,17 @@ def test_prepare_is_idempotent_and_checks_names(model):
     assert all(type(m) is not FrozenBNConv2d and type(m) is not ChunkedFFNEncoderLayer for m in model.modules())
     with pytest.raises(ValueError, match="unknown rewrites"):
         prepare_for_inference(copy.deepcopy(model), ["in_place_gelu"])
+    with pytest.raises(ValueError, match=r"did you mean \['target_cache'\]"):
+        prepare_for_inference(copy.deepcopy(model), "target_cache")  # not split into letters
+
+
+def test_a_prepared_model_refuses_to_train(model):
+    prepared = prepare_for_inference(copy.deepcopy(model), ["encoder_ffn_chunks"])
+    assert prepared.inference_rewrites == ("encoder_ffn_chunks",)
+    prepared.train()
+    with pytest.raises(RuntimeError, match="prepared for inference"):
+        prepared(_inputs())
+    assert model.inference_rewrites == ()  # the unprepared original is untouched
 
 
 def test_target_cache_serves_the_second_call_until_a_weight_changes(model):

@@ -66,6 +66,12 @@ def test_unknown_task_is_a_key_error(det_cls):
         model(inputs, task="NOPE")
 
 
+def test_empty_batch_is_a_clear_error(det_cls):
+    cfg, model = det_cls
+    with pytest.raises(ValueError, match="empty batch"):
+        _eval(model, [], task="CLS")
+
+
 @pytest.mark.parametrize("image", [
     torch.zeros(4, 32, 32, dtype=torch.uint8),  # four channels
     torch.zeros(32, 32, 3, dtype=torch.uint8),  # HWC

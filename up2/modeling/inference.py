@@ -99,13 +99,18 @@ def prepare_for_inference(model: nn.Module, rewrites: Optional[Iterable[str]] = 
         ``model`` itself.
 
     Raises:
-        ValueError: an unknown rewrite name.
+        ValueError: an unknown rewrite name, or one string instead of a list.
     """
+    if isinstance(rewrites, str):
+        raise ValueError(f"prepare_for_inference: rewrites must be a list of names, got one string "
+                         f"(did you mean [{rewrites!r}]?)")
     chosen = list(REWRITES if rewrites is None else rewrites)
     unknown = sorted(set(chosen) - set(REWRITES))
     if unknown:
         raise ValueError(f"prepare_for_inference: unknown rewrites {unknown}; known: {list(REWRITES)}")
     model.eval()
+    if hasattr(model, "inference_rewrites"):  # UniPerceiverV2 refuses to train once prepared
+        model.inference_rewrites = tuple(sorted(set(model.inference_rewrites) | set(chosen)))
     if "channels_last" in chosen:
         _channels_last(model)
     if "fold_frozen_bn" in chosen:

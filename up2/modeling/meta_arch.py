@@ -153,6 +153,7 @@ class UniPerceiverV2(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.target_cache: Optional[TargetCache] = None  # set by up2.modeling.inference.prepare_for_inference
+        self.inference_rewrites: Tuple[str, ...] = ()  # applied by prepare_for_inference (not for training)
         self.inference_amp = inference_amp
         self.channels_last = channels_last
 
@@ -321,8 +322,9 @@ class UniPerceiverV2(nn.Module):
         Raises:
             KeyError: an unknown task name.
             TypeError: an option the task does not take.
-            ValueError: no ``task`` given and no default task (several tasks, not exactly one
-                of them a localization task, and no ``MODEL.DEFAULT_TASK``).
+            RuntimeError: training a model prepared for inference (``up2.modeling.inference``).
+            ValueError: an empty batch; no ``task`` given and no default task (several tasks, not
+                exactly one of them a localization task, and no ``MODEL.DEFAULT_TASK``).
         """
         name = task or self.default_task
         if name is None:
@@ -330,6 +332,11 @@ class UniPerceiverV2(nn.Module):
                              "or set cfg.MODEL.DEFAULT_TASK")
         if name not in self.tasks:
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
+        if len(batched_inputs) == 0:
+            raise ValueError(f"task {name}: got an empty batch; give at least one input")
+        if self.training and self.inference_rewrites:
+            raise RuntimeError(f"this model was prepared for inference (rewrites {list(self.inference_rewrites)}: some "
+                               "compute in place, without a usable gradient); build a fresh model to train")
         t = self.tasks[name]
         t.check_options(options)
         with self.inference_autocast():
