@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from detectron2.structures import Boxes, ImageList, Instances
-from torchvision.ops import box_convert
-
 from detectron2.evaluation import COCOEvaluator
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils import comm
+from torchvision.ops import box_convert
 
 from up2.data.mappers import DetectionDatasetMapper
 from up2.layers.paste_masks import paste_masks
