@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 
 from conftest import tiny_cfg
 from up2.layers.frozen_bn import FrozenBNConv2d
-from up2.modeling.inference import REWRITES, ChunkedFFNEncoderLayer, prepare_for_inference
+from up2.modeling.inference import INFERENCE_ONLY, REWRITES, ChunkedFFNEncoderLayer, prepare_for_inference
 from up2.modeling.proposal.pixel_decoder import DeformableEncoderLayer
 from up2.modeling.tasks import resolve_task_data
 
@@ -114,12 +114,14 @@ def test_prepare_is_idempotent_and_checks_names(model):
 
 
 def test_a_prepared_model_refuses_to_train(model):
+    safe = prepare_for_inference(copy.deepcopy(model), [r for r in REWRITES if r not in INFERENCE_ONLY])
+    assert safe.inference_only_rewrites == ()  # channels-last, folding and the cache can still train
     prepared = prepare_for_inference(copy.deepcopy(model), ["encoder_ffn_chunks"])
-    assert prepared.inference_rewrites == ("encoder_ffn_chunks",)
+    assert prepared.inference_only_rewrites == ("encoder_ffn_chunks",)
     prepared.train()
     with pytest.raises(RuntimeError, match="prepared for inference"):
         prepared(_inputs())
-    assert model.inference_rewrites == ()  # the unprepared original is untouched
+    assert model.inference_only_rewrites == ()  # the unprepared original is untouched
 
 
 def test_target_cache_serves_the_second_call_until_a_weight_changes(model):

@@ -9,8 +9,9 @@ projects/benchmark/inference_rewrites.py). Rewrites that did not are deleted, no
 A rewrite changes modules in place: the class of a module instance is swapped to a subclass
 with another ``forward`` (as ``up2.layers.frozen_bn.fold_frozen_batchnorm`` does), or tensors
 change memory format. Parameters, buffers and ``state_dict`` keys stay the same, so checkpoints
-load before or after preparation. A prepared model is for inference (eval mode, any grad mode);
-train an unprepared one.
+load before or after preparation. A prepared model is for inference (eval mode, any grad mode):
+after a rewrite of ``INFERENCE_ONLY`` (in-place ops) ``UniPerceiverV2`` refuses to train; train
+an unprepared one.
 
 Rewrites (names for ``rewrites=``):
 
@@ -45,9 +46,11 @@ from up2.layers.frozen_bn import fold_frozen_batchnorm
 from up2.modeling.proposal.pixel_decoder import DeformableEncoderLayer
 from up2.modeling.target_set import TargetCache
 
-__all__ = ["REWRITES", "ChunkedFFNEncoderLayer", "prepare_for_inference"]
+__all__ = ["REWRITES", "INFERENCE_ONLY", "ChunkedFFNEncoderLayer", "prepare_for_inference"]
 
 REWRITES = ("fold_frozen_bn", "channels_last", "encoder_ffn_chunks", "target_cache")
+# rewrites after which the model cannot train (in-place ops overwrite what autograd needs)
+INFERENCE_ONLY = ("encoder_ffn_chunks",)
 
 
 class ChunkedFFNEncoderLayer(DeformableEncoderLayer):
@@ -109,8 +112,9 @@ def prepare_for_inference(model: nn.Module, rewrites: Optional[Iterable[str]] = 
     if unknown:
         raise ValueError(f"prepare_for_inference: unknown rewrites {unknown}; known: {list(REWRITES)}")
     model.eval()
-    if hasattr(model, "inference_rewrites"):  # UniPerceiverV2 refuses to train once prepared
-        model.inference_rewrites = tuple(sorted(set(model.inference_rewrites) | set(chosen)))
+    if hasattr(model, "inference_only_rewrites"):  # UniPerceiverV2 then refuses to train
+        applied = set(model.inference_only_rewrites) | (set(chosen) & set(INFERENCE_ONLY))
+        model.inference_only_rewrites = tuple(sorted(applied))
     if "channels_last" in chosen:
         _channels_last(model)
     if "fold_frozen_bn" in chosen:

@@ -153,7 +153,8 @@ class UniPerceiverV2(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.target_cache: Optional[TargetCache] = None  # set by up2.modeling.inference.prepare_for_inference
-        self.inference_rewrites: Tuple[str, ...] = ()  # applied by prepare_for_inference (not for training)
+        # rewrites of prepare_for_inference after which the model cannot train (up2.modeling.inference)
+        self.inference_only_rewrites: Tuple[str, ...] = ()
         self.inference_amp = inference_amp
         self.channels_last = channels_last
 
@@ -334,9 +335,9 @@ class UniPerceiverV2(nn.Module):
             raise KeyError(f"unknown task {name!r}; this model has {sorted(self.tasks)}")
         if len(batched_inputs) == 0:
             raise ValueError(f"task {name}: got an empty batch; give at least one input")
-        if self.training and self.inference_rewrites:
-            raise RuntimeError(f"this model was prepared for inference (rewrites {list(self.inference_rewrites)}: some "
-                               "compute in place, without a usable gradient); build a fresh model to train")
+        if self.training and self.inference_only_rewrites:
+            raise RuntimeError(f"this model was prepared for inference with {list(self.inference_only_rewrites)} "
+                               "(computed in place, without a usable gradient); build a fresh model to train")
         t = self.tasks[name]
         t.check_options(options)
         with self.inference_autocast():
