@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from up2.modeling.decoder_outputs import DecoderOutput
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import TaskSpec
 from up2.modeling.token_attributes import TaskFamily
-from up2.modeling.decoder_outputs import DecoderOutput
 from up2.structures import TokenBatch
 
 __all__ = ["Task", "TaskInputs"]
