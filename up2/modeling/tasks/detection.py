@@ -22,7 +22,7 @@ from torchvision.ops import box_convert
 from up2.data.mappers import DetectionDatasetMapper
 from up2.layers.paste_masks import paste_masks
 from up2.modeling.image_encoder import REGIONAL_SEGMENT, gather_proposals
-from up2.modeling.tasks.base import check_class_names, register_task
+from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
 from up2.structures import ProposalTargets
@@ -89,11 +89,7 @@ class DetectionTask(Task):
         return TaskInputs(batch=enc.tokens.batch, image=enc, losses=dict(enc.proposal_losses))
 
     def encode_targets(self, model, batched_inputs, inputs, class_names: Optional[Sequence[str]] = None):
-        """Raises: ValueError for an empty ``class_names``, a single string, an empty or repeated name."""
-        names = self.spec.class_names if class_names is None else check_class_names(class_names)
-        if len(names) == 0:
-            raise ValueError("class_names is empty: give at least one class name")
-        return model.embed_texts(names, self.family)
+        return self.class_name_targets(model, class_names)
 
     def losses(self, model, outputs, targets, inputs, batched_inputs):
         enc = inputs.image

@@ -18,7 +18,7 @@ import torch
 
 from up2.modeling.decoder_outputs import DecoderOutput
 from up2.modeling.target_set import TargetEmbeddings
-from up2.modeling.tasks.base import TaskSpec
+from up2.modeling.tasks.base import TaskSpec, check_class_names
 from up2.modeling.token_attributes import TaskFamily
 from up2.structures import TokenBatch
 
@@ -87,6 +87,18 @@ class Task:
                        **options) -> TargetEmbeddings:
         """The target set Y -> (C, d) embeddings g(f_text(y)) (paper Eq. 6)."""
         raise NotImplementedError
+
+    def class_name_targets(self, model, class_names: Optional[Sequence[str]] = None) -> TargetEmbeddings:
+        """Class names as targets (paper Eq. 6): ``class_names`` when given (inference: open
+        vocabulary), else the spec's; (C, d) embeddings.
+
+        Raises:
+            ValueError: no class names, a single string, an empty or repeated name.
+        """
+        names = self.spec.class_names if class_names is None else check_class_names(class_names)
+        if len(names) == 0:
+            raise ValueError("class_names is empty: give at least one class name")
+        return model.embed_texts(names, self.family)
 
     def losses(self, model, outputs: DecoderOutput, targets: TargetEmbeddings, inputs: TaskInputs,
                batched_inputs: Sequence[dict]) -> Dict[str, torch.Tensor]:
