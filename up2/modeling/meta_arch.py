@@ -19,7 +19,7 @@ from torch import nn
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
-from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_targets
+from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_targets, encode_vocabulary
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, default_task_name, implicit_default_task
 from up2.modeling.tasks.task_data import task_specs_for_model
 from up2.modeling.text_encoder import TextEncoder
@@ -119,6 +119,9 @@ class UniPerceiverV2(nn.Module):
         inference_amp: Optional[torch.dtype] = None,
         channels_last: bool = True,
         default_task: Optional[str] = None,
+        vocabulary_chunk: int = 1024,
+        vocabulary_recompute: bool = True,
+        vocabulary_shard: bool = False,
     ):
         """
         Args:
@@ -131,6 +134,9 @@ class UniPerceiverV2(nn.Module):
                 constructor leaves its modules as given.
             default_task: the task of ``forward`` without ``task=``; None = the only task, else
                 the only localization task (none when ambiguous: ``forward`` then asks for one).
+            vocabulary_chunk / vocabulary_recompute / vocabulary_shard: how vocabulary targets
+                are encoded in training (``up2.modeling.target_set.encode_vocabulary``;
+                cfg.MODEL.VOCABULARY_TARGETS; sharding only with unmixed task sampling).
 
         Raises:
             ValueError: no task, or a ``default_task`` that is not one of ``tasks``.
@@ -157,6 +163,11 @@ class UniPerceiverV2(nn.Module):
         self.inference_only_rewrites: Tuple[str, ...] = ()
         self.inference_amp = inference_amp
         self.channels_last = channels_last
+        if vocabulary_chunk < 1:
+            raise ValueError(f"MODEL.VOCABULARY_TARGETS.CHUNK_SIZE must be >= 1, got {vocabulary_chunk}")
+        self.vocabulary_chunk = int(vocabulary_chunk)
+        self.vocabulary_recompute = bool(vocabulary_recompute)
+        self.vocabulary_shard = bool(vocabulary_shard)
 
     @classmethod
     def from_config(cls, cfg):
@@ -178,6 +189,10 @@ class UniPerceiverV2(nn.Module):
             "test_topk": cfg.MODEL.PROPOSAL.TEST_TOPK,
             "inference_amp": inference_amp_dtype(cfg),
             "channels_last": cfg.MODEL.CHANNELS_LAST,
+            "vocabulary_chunk": cfg.MODEL.VOCABULARY_TARGETS.CHUNK_SIZE,
+            "vocabulary_recompute": cfg.MODEL.VOCABULARY_TARGETS.RECOMPUTE,
+            # every rank must encode together: only when all ranks run the same task (paper §4.4)
+            "vocabulary_shard": cfg.MODEL.VOCABULARY_TARGETS.SHARD and cfg.DATALOADER.TASK_SAMPLING == "unmixed",
         }
 
     @property
@@ -249,22 +264,24 @@ class UniPerceiverV2(nn.Module):
 
         return self._targets(("texts", family.value, *texts), compute) if cache else compute()
 
-    def embed_tokens_as_targets(self, token_ids: torch.Tensor, family: TaskFamily, key: tuple,
-                                chunk: int = 4096) -> TargetEmbeddings:
-        """Single vocabulary tokens as targets (captioning, masked LM; paper App. B): each token's
-        context-free embedding (``TextEncoder.embed_tokens``) through g, read at [SPE].
+    def embed_tokens_as_targets(self, token_ids: torch.Tensor, family: TaskFamily, key: tuple) -> TargetEmbeddings:
+        """Single vocabulary tokens as targets (captioning, masked LM): each token through f_text
+        as a text of its own, then g, read at [SPE] (paper §4.2, Eq. 6). In training the
+        vocabulary is encoded in chunks with recomputed activations and split across ranks
+        (``up2.modeling.target_set.encode_vocabulary``; cfg.MODEL.VOCABULARY_TARGETS).
 
         Args:
             token_ids: (V,) int64. family: the task family. key: identifies the token set in
-                the inference cache. chunk: tokens per pass through g.
+                the inference cache.
 
         Returns:
             TargetEmbeddings, embeddings (V, d).
         """
         def compute():
-            ids = token_ids[:, None]
-            pad = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
-            return encode_targets(self.unified_decoder, self.text_encoder.embed_tokens(ids), pad, family, chunk)
+            grad = self.training and torch.is_grad_enabled()
+            return encode_vocabulary(self.text_encoder, self.unified_decoder, token_ids, family,
+                                     chunk=self.vocabulary_chunk, recompute=grad and self.vocabulary_recompute,
+                                     shard=grad and self.vocabulary_shard)
 
         return self._targets(("tokens", family.value, *key), compute)
 

@@ -3,9 +3,12 @@ g(f_text(y)) read at [SPE] (paper Eq. 6).
 
 Shape shorthand: C targets, T text tokens, d width.
 
-Every target set goes through :func:`encode_targets`; only how the texts become token features
-differs (the text encoder for class names and captions, its context-free embedding layer for
-single vocabulary tokens). Target embeddings do not depend on the input, so a model prepared
+Every target set goes through :func:`encode_targets`; the texts become token features through
+the text encoder f_text (paper §4.2), class names and captions as written, each vocabulary
+token as a text of its own (:func:`encode_vocabulary`). The vocabulary is large (50,265 tokens
+for RoBERTa), so in training it is encoded in chunks whose activations are recomputed in the
+backward pass instead of kept, and split across the ranks of a distributed run, each rank
+encoding 1/G of it and gathering the rest with gradient. Target embeddings do not depend on the input, so a model prepared
 for inference (``up2.modeling.inference``) keeps them in a :class:`TargetCache`, which is
 invalidated whenever a weight they depend on changes (tracked by the parameters' in-place
 version counters, which optimizer steps and ``load_state_dict`` both bump).
@@ -16,13 +19,16 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.decoder_outputs import SPE
 from up2.structures import TokenBatch
+from up2.utils.distributed import gather_with_grad
 
-__all__ = ["encode_targets", "TargetEmbeddings", "TargetCache"]
+__all__ = ["encode_targets", "encode_vocabulary", "TargetEmbeddings", "TargetCache"]
 
 
 @dataclass
@@ -70,6 +76,75 @@ def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: tor
         if out.aux_loss is not None:
             aux.append(out.aux_loss)
     return TargetEmbeddings(torch.cat(outs), torch.stack(aux).sum() if aux else None)
+
+
+def _world() -> Tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor, family: TaskFamily,
+                      chunk: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
+    """Vocabulary tokens as targets: g(f_text(v)) at [SPE] for every token v (paper §4.2, Eq. 6).
+
+    Each token is encoded as a text of its own (``TextEncoder.encode_single_tokens``) and goes
+    through g like any target (:func:`encode_targets`), ``chunk`` tokens at a time. Two memory
+    savers for training, neither of which changes the result:
+
+    * ``recompute``: activation checkpointing per chunk. Only the chunk's ids and its (chunk, d)
+      embeddings are kept for the backward pass; the text encoder's and g's activations are
+      recomputed there (one more forward of the vocabulary per step).
+    * ``shard``: in a distributed run, rank r encodes the r-th of G equal slices of the
+      vocabulary (the last padded by repeating its final id) and the embeddings are gathered
+      from every rank with gradient (``torch.distributed.nn.functional.all_gather``, whose
+      backward sums each slice's gradient over the ranks, so DDP's averaging yields the
+      gradient of the mean loss). Every rank must run this call together (unmixed task
+      sampling, paper §4.4). Without a process group, or with one rank, it does nothing.
+
+    Args:
+        text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
+        decoder: the unified decoder g.
+        token_ids: (V,) int64 vocabulary ids.
+        family: the task family (MoE routing attributes of the targets).
+        chunk: tokens per pass through f_text and g (>= 1).
+        recompute: checkpoint each chunk (use it when gradients are needed).
+        shard: split the vocabulary across the ranks of the default process group.
+
+    Returns:
+        TargetEmbeddings: (V, d) embeddings, rows in the order of ``token_ids``, and the MoE
+        balance loss of this rank's passes (None without MoE balancing).
+
+    Raises:
+        ValueError: an empty vocabulary, ``chunk`` < 1, or ids out of the text encoder's range.
+    """
+    if token_ids.dim() != 1 or token_ids.numel() == 0:
+        raise ValueError(f"encode_vocabulary: expected a non-empty (V,) id tensor, got shape {tuple(token_ids.shape)}")
+    if chunk < 1:
+        raise ValueError(f"encode_vocabulary: chunk must be >= 1, got {chunk}")
+    rank, world = _world() if shard else (0, 1)
+    V = token_ids.numel()
+    ids = token_ids
+    if world > 1:
+        per_rank = -(-V // world)
+        ids = torch.cat([ids, ids[-1:].expand(per_rank * world - V)])[rank * per_rank : (rank + 1) * per_rank]
+
+    def run(part: torch.Tensor):
+        emb = encode_targets(decoder, *text_encoder.encode_single_tokens(part), family)
+        return emb.embeddings, emb.aux_loss
+
+    outs, aux = [], []
+    for start in range(0, ids.numel(), chunk):
+        part = ids[start : start + chunk]
+        emb, loss = checkpoint(run, part, use_reentrant=False) if recompute else run(part)
+        outs.append(emb)
+        if loss is not None:
+            aux.append(loss)
+    embeddings = torch.cat(outs)
+    if world > 1:
+        embeddings = gather_with_grad(embeddings)[:V]
+    return TargetEmbeddings(embeddings, torch.stack(aux).sum() if aux else None)
 
 
 class TargetCache:

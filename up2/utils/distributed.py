@@ -17,7 +17,7 @@ import gc
 import sys
 from datetime import timedelta
 
-__all__ = ["launch", "teardown_process_group"]
+__all__ = ["launch", "teardown_process_group", "gather_with_grad"]
 
 
 def teardown_process_group(barrier: bool = True) -> None:
@@ -77,3 +77,25 @@ def launch(main_func, num_gpus_per_machine: int, num_machines: int = 1, machine_
     d2_launch(functools.partial(_run_then_teardown, main_func), num_gpus_per_machine, num_machines=num_machines,
               machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
     return None
+
+
+def gather_with_grad(x):
+    """(N, ...) on each of G ranks -> (G*N, ...), rank-major, differentiable; ``x`` itself
+    without a process group or with one rank.
+
+    The backward pass sums each rank's slice of the gradient over all ranks
+    (``torch.distributed.nn.functional.all_gather``), so with DDP's averaging the parameters get
+    the gradient of the mean loss over ranks. Every rank must call it with the same shape.
+    """
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)

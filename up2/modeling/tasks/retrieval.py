@@ -22,17 +22,9 @@ from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskInputs
 from up2.modeling.token_attributes import TaskFamily
 from up2.modeling.decoder_outputs import SPE
+from up2.utils.distributed import gather_with_grad
 
 __all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(N, d) on each rank -> (G, d), rank-major, differentiable (torch.distributed.nn)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
 
 
 def infonce(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:

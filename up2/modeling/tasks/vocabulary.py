@@ -2,8 +2,8 @@
 
 Shape shorthand: V vocabulary entries, B sequences, T tokens, d width.
 
-Each vocabulary token v is a target y = [SPE] ++ f_tok(v) through g, read at [SPE], where f_tok
-is the text encoder's context-free embedding layer (``TextEncoder.embed_tokens``). A task may use
+Each vocabulary token v is a target y = [SPE] ++ f_text(v) through g, read at [SPE] (paper §4.2:
+the text encoder encodes the vocabulary; ``up2.modeling.target_set.encode_vocabulary``). A task may use
 the whole tokenizer vocabulary or only the tokens of its training texts (small runs); the latter
 is resolved once when training is set up (``TaskSpec.vocabulary_ids``) and travels with the
 config and the checkpoint, so inference never reads the training texts.
@@ -94,7 +94,7 @@ class VocabularyTargets:
         out[valid] = self._lookup[token_ids[valid]]
         return out
 
-    def embed(self, model, family: TaskFamily, chunk: int = 4096) -> TargetEmbeddings:
+    def embed(self, model, family: TaskFamily) -> TargetEmbeddings:
         """(V, d) target embeddings (``UniPerceiverV2.embed_tokens_as_targets``)."""
         ids = self.resolve(model.text_encoder)
-        return model.embed_tokens_as_targets(ids, family, self._key or ("full", len(ids)), chunk)
+        return model.embed_tokens_as_targets(ids, family, self._key or ("full", len(ids)))
