@@ -69,13 +69,14 @@ def add_up2_config(cfg: CN) -> None:
     T.MAX_LENGTH = 0  # truncation length; 0 = the tokenizer's own model_max_length
     T.FREEZE = False  # paper: jointly tuned
 
-    # ---- Vocabulary targets of captioning / masked LM (paper §4.2; memory settings: ours) --
-    # Every vocabulary token goes through f_text and g as a target at every training step
-    # (up2.modeling.target_set.encode_vocabulary); docs/paper_scale.md measures these settings.
-    VT = cfg.MODEL.VOCABULARY_TARGETS = CN()
-    VT.CHUNK_SIZE = 1024  # tokens per pass through f_text and g
-    VT.RECOMPUTE = True  # training: keep only each chunk's embeddings, recompute its activations in backward
-    VT.SHARD = True  # training: each of G ranks encodes 1/G of the vocabulary (only with unmixed task sampling)
+    # ---- Fixed target sets: class names, vocabularies (paper §4.2; memory settings: ours) ---
+    # Every class name / vocabulary token goes through f_text and g as a target at every
+    # training step (up2.modeling.target_set.encode_text_targets); docs/paper_scale.md measures
+    # these settings. The captions of a retrieval batch are per-rank activations, not a set.
+    TS = cfg.MODEL.TARGET_SETS = CN()
+    TS.CHUNK_SIZE = 1024  # targets per pass through f_text and g
+    TS.RECOMPUTE = True  # training: keep only each chunk's embeddings, recompute its activations in backward
+    TS.SHARD = True  # training: each of G ranks encodes 1/G of the set (only with unmixed task sampling)
 
     # ---- g: the unified decoder (paper §4.3, §5.2: BERT-base with 6 layers) -------------
     G = cfg.MODEL.UNIFIED_DECODER = CN()

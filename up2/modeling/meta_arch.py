@@ -19,7 +19,7 @@ from torch import nn
 from up2.modeling.image_encoder import ImageEncoder, ImageTokens
 from up2.modeling.likelihood import Likelihood
 from up2.modeling.proposal.binary_proposal_network import BinaryProposalNetwork
-from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_targets, encode_vocabulary
+from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_targets, encode_text_targets, encode_vocabulary
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, default_task_name, implicit_default_task
 from up2.modeling.tasks.task_data import task_specs_for_model
 from up2.modeling.text_encoder import TextEncoder
@@ -119,9 +119,9 @@ class UniPerceiverV2(nn.Module):
         inference_amp: Optional[torch.dtype] = None,
         channels_last: bool = True,
         default_task: Optional[str] = None,
-        vocabulary_chunk: int = 1024,
-        vocabulary_recompute: bool = True,
-        vocabulary_shard: bool = False,
+        target_chunk: int = 1024,
+        target_recompute: bool = True,
+        target_shard: bool = False,
     ):
         """
         Args:
@@ -134,9 +134,9 @@ class UniPerceiverV2(nn.Module):
                 constructor leaves its modules as given.
             default_task: the task of ``forward`` without ``task=``; None = the only task, else
                 the only localization task (none when ambiguous: ``forward`` then asks for one).
-            vocabulary_chunk / vocabulary_recompute / vocabulary_shard: how vocabulary targets
-                are encoded in training (``up2.modeling.target_set.encode_vocabulary``;
-                cfg.MODEL.VOCABULARY_TARGETS; sharding only with unmixed task sampling).
+            target_chunk / target_recompute / target_shard: how fixed target sets (class names,
+                vocabularies) are encoded in training (``up2.modeling.target_set.encode_text_targets``;
+                cfg.MODEL.TARGET_SETS; sharding only with unmixed task sampling).
 
         Raises:
             ValueError: no task, or a ``default_task`` that is not one of ``tasks``.
@@ -163,11 +163,11 @@ class UniPerceiverV2(nn.Module):
         self.inference_only_rewrites: Tuple[str, ...] = ()
         self.inference_amp = inference_amp
         self.channels_last = channels_last
-        if vocabulary_chunk < 1:
-            raise ValueError(f"MODEL.VOCABULARY_TARGETS.CHUNK_SIZE must be >= 1, got {vocabulary_chunk}")
-        self.vocabulary_chunk = int(vocabulary_chunk)
-        self.vocabulary_recompute = bool(vocabulary_recompute)
-        self.vocabulary_shard = bool(vocabulary_shard)
+        if target_chunk < 1:
+            raise ValueError(f"MODEL.TARGET_SETS.CHUNK_SIZE must be >= 1, got {target_chunk}")
+        self.target_chunk = int(target_chunk)
+        self.target_recompute = bool(target_recompute)
+        self.target_shard = bool(target_shard)
 
     @classmethod
     def from_config(cls, cfg):
@@ -189,10 +189,10 @@ class UniPerceiverV2(nn.Module):
             "test_topk": cfg.MODEL.PROPOSAL.TEST_TOPK,
             "inference_amp": inference_amp_dtype(cfg),
             "channels_last": cfg.MODEL.CHANNELS_LAST,
-            "vocabulary_chunk": cfg.MODEL.VOCABULARY_TARGETS.CHUNK_SIZE,
-            "vocabulary_recompute": cfg.MODEL.VOCABULARY_TARGETS.RECOMPUTE,
+            "target_chunk": cfg.MODEL.TARGET_SETS.CHUNK_SIZE,
+            "target_recompute": cfg.MODEL.TARGET_SETS.RECOMPUTE,
             # every rank must encode together: only when all ranks run the same task (paper §4.4)
-            "vocabulary_shard": cfg.MODEL.VOCABULARY_TARGETS.SHARD and cfg.DATALOADER.TASK_SAMPLING == "unmixed",
+            "target_shard": cfg.MODEL.TARGET_SETS.SHARD and cfg.DATALOADER.TASK_SAMPLING == "unmixed",
         }
 
     @property
@@ -259,16 +259,29 @@ class UniPerceiverV2(nn.Module):
         if not texts:
             raise ValueError("the target set is empty: give at least one class name / text")
 
-        def compute():
+        if not cache:  # the captions of one batch: activations like any other, kept per rank
             return encode_targets(self.unified_decoder, *self.text_encoder.encode(texts), family)
 
-        return self._targets(("texts", family.value, *texts), compute) if cache else compute()
+        def compute():
+            batch = self.text_encoder.tokenize(texts)
+            return encode_text_targets(self.text_encoder, self.unified_decoder,
+                                       batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                       family, **self._target_set_memory())
+
+        return self._targets(("texts", family.value, *texts), compute)
+
+    def _target_set_memory(self) -> dict:
+        """chunk / recompute / shard of a fixed target set: the memory savers only apply when
+        gradients are taken (training)."""
+        grad = self.training and torch.is_grad_enabled()
+        return {"chunk": self.target_chunk, "recompute": grad and self.target_recompute,
+                "shard": grad and self.target_shard}
 
     def embed_tokens_as_targets(self, token_ids: torch.Tensor, family: TaskFamily, key: tuple) -> TargetEmbeddings:
         """Single vocabulary tokens as targets (captioning, masked LM): each token through f_text
         as a text of its own, then g, read at [SPE] (paper §4.2, Eq. 6). In training the
         vocabulary is encoded in chunks with recomputed activations and split across ranks
-        (``up2.modeling.target_set.encode_vocabulary``; cfg.MODEL.VOCABULARY_TARGETS).
+        (``up2.modeling.target_set.encode_vocabulary``; cfg.MODEL.TARGET_SETS).
 
         Args:
             token_ids: (V,) int64. family: the task family. key: identifies the token set in
@@ -278,10 +291,8 @@ class UniPerceiverV2(nn.Module):
             TargetEmbeddings, embeddings (V, d).
         """
         def compute():
-            grad = self.training and torch.is_grad_enabled()
             return encode_vocabulary(self.text_encoder, self.unified_decoder, token_ids, family,
-                                     chunk=self.vocabulary_chunk, recompute=grad and self.vocabulary_recompute,
-                                     shard=grad and self.vocabulary_shard)
+                                     **self._target_set_memory())
 
         return self._targets(("tokens", family.value, *key), compute)
 

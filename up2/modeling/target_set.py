@@ -5,10 +5,11 @@ Shape shorthand: C targets, T text tokens, d width.
 
 Every target set goes through :func:`encode_targets`; the texts become token features through
 the text encoder f_text (paper §4.2), class names and captions as written, each vocabulary
-token as a text of its own (:func:`encode_vocabulary`). The vocabulary is large (50,265 tokens
-for RoBERTa), so in training it is encoded in chunks whose activations are recomputed in the
-backward pass instead of kept, and split across the ranks of a distributed run, each rank
-encoding 1/G of it and gathering the rest with gradient. Target embeddings do not depend on the input, so a model prepared
+token as a text of its own (:func:`encode_vocabulary`). Fixed target sets can be large (1,000
+ImageNet class names, 50,265 RoBERTa tokens) and are encoded at every training step, so
+:func:`encode_text_targets` encodes them in chunks whose activations are recomputed in the
+backward pass instead of kept, split across the ranks of a distributed run, each rank
+encoding 1/G of the set and gathering the rest with gradient. Target embeddings do not depend on the input, so a model prepared
 for inference (``up2.modeling.inference``) keeps them in a :class:`TargetCache`, which is
 invalidated whenever a weight they depend on changes (tracked by the parameters' in-place
 version counters, which optimizer steps and ``load_state_dict`` both bump).
@@ -28,7 +29,7 @@ from up2.modeling.decoder_outputs import SPE
 from up2.structures import TokenBatch
 from up2.utils.distributed import gather_with_grad
 
-__all__ = ["encode_targets", "encode_vocabulary", "TargetEmbeddings", "TargetCache"]
+__all__ = ["encode_targets", "encode_text_targets", "encode_vocabulary", "TargetEmbeddings", "TargetCache"]
 
 
 @dataclass
@@ -85,32 +86,83 @@ def _world() -> Tuple[int, int]:
     return 0, 1
 
 
+def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, family: TaskFamily, chunk: int, recompute: bool = False,
+                        shard: bool = False) -> TargetEmbeddings:
+    """A fixed set of tokenized texts as targets: g(f_text(y)) at [SPE] (paper §4.2, Eq. 6),
+    ``chunk`` texts per pass through f_text and g (:func:`encode_targets`). Two memory savers for
+    training on large target sets (ImageNet's 1,000 class names, a 50,265-token vocabulary),
+    neither of which changes the result:
+
+    * ``recompute``: activation checkpointing per chunk. Only the chunk's ids and its (chunk, d)
+      embeddings are kept for the backward pass; the text encoder's and g's activations are
+      recomputed there (one more forward of the target set per step).
+    * ``shard``: in a distributed run, rank r encodes the r-th of G equal slices of the set (the
+      last padded by repeating its final row) and the embeddings are gathered from every rank
+      with gradient (``up2.utils.distributed.gather_with_grad``, whose backward sums each slice's
+      gradient over the ranks, so DDP's averaging yields the gradient of the mean loss). Every
+      rank must run this call together, on the same set (unmixed task sampling, paper §4.4).
+      Without a process group, or with one rank, it does nothing.
+
+    Args:
+        text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
+        decoder: the unified decoder g.
+        input_ids: (C, T) int64 token ids. attention_mask: (C, T) int64 or bool, 1 = token.
+        family: the task family (MoE routing attributes of the targets).
+        chunk: texts per pass through f_text and g (>= 1).
+        recompute: checkpoint each chunk (use it when gradients are needed).
+        shard: split the set across the ranks of the default process group.
+
+    Returns:
+        TargetEmbeddings: (C, d) embeddings, rows in the order of ``input_ids``, and the MoE
+        balance loss of this rank's passes (None without MoE balancing).
+
+    Raises:
+        ValueError: an empty set, mismatched shapes, or ``chunk`` < 1.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"encode_text_targets: expected non-empty (C, T) ids and an attention mask of the same "
+                         f"shape, got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+    if chunk < 1:
+        raise ValueError(f"encode_text_targets: chunk must be >= 1, got {chunk}")
+    rank, world = _world() if shard else (0, 1)
+    C = input_ids.shape[0]
+    ids, mask = input_ids, attention_mask
+    if world > 1:
+        per_rank = -(-C // world)
+        rows = torch.arange(per_rank * world, device=ids.device).clamp(max=C - 1)[rank * per_rank : (rank + 1) * per_rank]
+        ids, mask = ids[rows], mask[rows]
+
+    def run(part_ids: torch.Tensor, part_mask: torch.Tensor):
+        emb = encode_targets(decoder, *text_encoder(part_ids, part_mask), family)
+        return emb.embeddings, emb.aux_loss
+
+    outs, aux = [], []
+    for start in range(0, ids.shape[0], chunk):
+        part = (ids[start : start + chunk], mask[start : start + chunk])
+        emb, loss = checkpoint(run, *part, use_reentrant=False) if recompute else run(*part)
+        outs.append(emb)
+        if loss is not None:
+            aux.append(loss)
+    embeddings = torch.cat(outs)
+    if world > 1:
+        embeddings = gather_with_grad(embeddings)[:C]
+    return TargetEmbeddings(embeddings, torch.stack(aux).sum() if aux else None)
+
+
 def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor, family: TaskFamily,
                       chunk: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
     """Vocabulary tokens as targets: g(f_text(v)) at [SPE] for every token v (paper §4.2, Eq. 6).
 
-    Each token is encoded as a text of its own (``TextEncoder.encode_single_tokens``) and goes
-    through g like any target (:func:`encode_targets`), ``chunk`` tokens at a time. Two memory
-    savers for training, neither of which changes the result:
-
-    * ``recompute``: activation checkpointing per chunk. Only the chunk's ids and its (chunk, d)
-      embeddings are kept for the backward pass; the text encoder's and g's activations are
-      recomputed there (one more forward of the vocabulary per step).
-    * ``shard``: in a distributed run, rank r encodes the r-th of G equal slices of the
-      vocabulary (the last padded by repeating its final id) and the embeddings are gathered
-      from every rank with gradient (``torch.distributed.nn.functional.all_gather``, whose
-      backward sums each slice's gradient over the ranks, so DDP's averaging yields the
-      gradient of the mean loss). Every rank must run this call together (unmixed task
-      sampling, paper §4.4). Without a process group, or with one rank, it does nothing.
+    Each token is a text of its own, framed as the tokenizer frames every text
+    (``TextEncoder.frame_single_tokens``), and goes through :func:`encode_text_targets` with its
+    ``chunk`` / ``recompute`` / ``shard`` settings.
 
     Args:
         text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
         decoder: the unified decoder g.
         token_ids: (V,) int64 vocabulary ids.
-        family: the task family (MoE routing attributes of the targets).
-        chunk: tokens per pass through f_text and g (>= 1).
-        recompute: checkpoint each chunk (use it when gradients are needed).
-        shard: split the vocabulary across the ranks of the default process group.
+        family, chunk, recompute, shard: as :func:`encode_text_targets`.
 
     Returns:
         TargetEmbeddings: (V, d) embeddings, rows in the order of ``token_ids``, and the MoE
@@ -123,28 +175,8 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
         raise ValueError(f"encode_vocabulary: expected a non-empty (V,) id tensor, got shape {tuple(token_ids.shape)}")
     if chunk < 1:
         raise ValueError(f"encode_vocabulary: chunk must be >= 1, got {chunk}")
-    rank, world = _world() if shard else (0, 1)
-    V = token_ids.numel()
-    ids = token_ids
-    if world > 1:
-        per_rank = -(-V // world)
-        ids = torch.cat([ids, ids[-1:].expand(per_rank * world - V)])[rank * per_rank : (rank + 1) * per_rank]
-
-    def run(part: torch.Tensor):
-        emb = encode_targets(decoder, *text_encoder.encode_single_tokens(part), family)
-        return emb.embeddings, emb.aux_loss
-
-    outs, aux = [], []
-    for start in range(0, ids.numel(), chunk):
-        part = ids[start : start + chunk]
-        emb, loss = checkpoint(run, part, use_reentrant=False) if recompute else run(part)
-        outs.append(emb)
-        if loss is not None:
-            aux.append(loss)
-    embeddings = torch.cat(outs)
-    if world > 1:
-        embeddings = gather_with_grad(embeddings)[:V]
-    return TargetEmbeddings(embeddings, torch.stack(aux).sum() if aux else None)
+    return encode_text_targets(text_encoder, decoder, *text_encoder.frame_single_tokens(token_ids), family,
+                               chunk=chunk, recompute=recompute, shard=shard)
 
 
 class TargetCache:

@@ -333,26 +333,26 @@ class TextEncoder(nn.Module):
         """
         return self.proj(self.model.embeddings(input_ids=input_ids.long()))
 
-    def encode_single_tokens(self, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Each token id as a text of its own, through the full encoder (paper §4.2: the
-        vocabulary of captioning / masked LM is text encoded by f_text): the sequence
-        ``cls v sep`` (``<s> v </s>`` for RoBERTa), as the tokenizer frames every text.
+    def frame_single_tokens(self, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each token id as a text of its own (paper §4.2: the vocabulary of captioning / masked
+        LM is text encoded by f_text): the sequence ``cls v sep`` (``<s> v </s>`` for RoBERTa),
+        as the tokenizer frames every text.
 
         Args:
             token_ids: (V,) integer ids in [0, ``vocab_size``).
 
         Returns:
-            features (V, 3, d) float and padding_mask (V, 3) bool (all False).
+            input_ids (V, 3) int64 and attention_mask (V, 3) int64 (all ones), for ``forward``.
 
         Raises:
-            ValueError: ``token_ids`` is not 1-D, or as ``forward`` (ids out of range).
+            ValueError: ``token_ids`` is not 1-D.
         """
         if token_ids.dim() != 1:
-            raise ValueError(f"TextEncoder.encode_single_tokens: expected (V,) token ids, got {tuple(token_ids.shape)}")
+            raise ValueError(f"TextEncoder.frame_single_tokens: expected (V,) token ids, got {tuple(token_ids.shape)}")
         sp = self.special_ids
         ids = token_ids.long()
         framed = torch.stack([torch.full_like(ids, sp.cls), ids, torch.full_like(ids, sp.sep)], dim=1)
-        return self(framed, torch.ones_like(framed))
+        return framed, torch.ones_like(framed)
 
     def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``tokenize`` then ``forward`` on the device of this module.

@@ -1,4 +1,5 @@
-"""Vocabulary targets through f_text and g (paper §4.2, Eq. 6): ``encode_vocabulary``.
+"""Fixed target sets through f_text and g (paper §4.2, Eq. 6): ``encode_text_targets`` for class
+names and ``encode_vocabulary`` for vocabulary tokens.
 
 Checked against an independent reference (one token at a time through the text encoder's
 forward and g), with activation recomputation (values and gradients), across chunk sizes, for
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from up2.modeling.decoder_outputs import SPE
-from up2.modeling.target_set import encode_targets, encode_vocabulary
+from up2.modeling.target_set import encode_targets, encode_text_targets, encode_vocabulary
 from up2.modeling.text_encoder import TextEncoder
 from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
 from up2.modeling.unified_decoder import UnifiedDecoder
@@ -107,6 +108,35 @@ def test_recompute_keeps_a_fraction_of_the_activations():
     assert kept < plain / 20, (kept, plain)
 
 
+def test_class_names_in_recomputed_chunks_match_one_pass():
+    """Texts of different lengths (padding inside a chunk), 3 chunks, recomputed: the values and
+    gradients of one plain pass (``TextEncoder.encode`` then g), with a small fraction kept."""
+    te, g = _modules(moe=True)
+    names = ["cat", "traffic light", "a very long class name with many words", "dog", "hair drier", "tv"]
+    batch = te.tokenize(names)
+    proj = torch.randn(len(names), 32, generator=torch.Generator().manual_seed(2))
+    params = [p for p in (*te.parameters(), *g.parameters()) if p.requires_grad]
+
+    def grads_of(fn):
+        emb = fn()
+        return emb.detach(), torch.autograd.grad((emb * proj).sum(), params, allow_unused=True)
+
+    ref, ref_grads = grads_of(lambda: encode_targets(g, *te.encode(names), TaskFamily.CLASSIFICATION).embeddings)
+    got, got_grads = grads_of(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
+                                                          TaskFamily.CLASSIFICATION, chunk=2,
+                                                          recompute=True).embeddings)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    plain = _saved_bytes(lambda: encode_targets(g, *te.encode(names), TaskFamily.CLASSIFICATION))
+    kept = _saved_bytes(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
+                                                    TaskFamily.CLASSIFICATION, chunk=2, recompute=True))
+    assert kept < plain / 20, (kept, plain)
+
+
 def test_bad_vocabulary_arguments_are_refused():
     te, g = _modules()
     with pytest.raises(ValueError, match="non-empty"):
@@ -115,6 +145,8 @@ def test_bad_vocabulary_arguments_are_refused():
         encode_vocabulary(te, g, torch.tensor([3]), TaskFamily.MLM, chunk=0)
     with pytest.raises(ValueError, match="input_ids must lie"):
         encode_vocabulary(te, g, torch.tensor([10**9]), TaskFamily.MLM, chunk=4)
+    with pytest.raises(ValueError, match="same shape"):
+        encode_text_targets(te, g, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4), TaskFamily.MLM, chunk=4)
 
 
 def _loss_and_grads(te, g, emb, rank):
