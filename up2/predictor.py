@@ -41,6 +41,7 @@ from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks.base import check_class_names
 from up2.modeling.token_attributes import TaskFamily
+from up2.utils.paths import expand_path
 
 __all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]
 
@@ -116,7 +117,7 @@ class GeneralistPredictor:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            DetectionCheckpointer(self.model).load(expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"))
         prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
