@@ -250,6 +250,10 @@ class BatchPredictor(DefaultPredictor):
     def __init__(self, cfg, batch_size: int = 8):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # $VAR, ~ (DefaultPredictor loads it)
+        cfg.freeze()
         super().__init__(cfg)
         prepare_for_inference(self.model)  # the inference rewrites (up2.modeling.inference)
         self.batch_size = int(batch_size)

@@ -154,3 +154,15 @@ def test_converted_backbone_is_found_via_env_var_and_loaded(shapes_datasets, tmp
     trainer.resume_or_load(resume=False)
     torch.testing.assert_close(backbone.stem.conv1.weight.detach(), source["conv1.weight"])
     torch.testing.assert_close(backbone.res3[0].conv1.norm.weight.detach(), source["layer2.0.bn1.weight"])
+
+
+def test_expand_path_forms(monkeypatch):
+    from up2.utils.paths import expand_path
+
+    monkeypatch.setenv("UP2_WEIGHTS", "/w")
+    monkeypatch.setenv("HOME", "/home/u")
+    assert expand_path("${UP2_WEIGHTS}/a.pkl", "K") == "/w/a.pkl" and expand_path("~/a.pkl", "K") == "/home/u/a.pkl"
+    assert expand_path("", "K") == "" and expand_path("detectron2://R-50.pkl", "K") == "detectron2://R-50.pkl"
+    monkeypatch.setenv("UP2_WEIGHTS", "")  # set but empty: the file would land in /a.pkl
+    with pytest.raises(ValueError, match=r"K='\$\{UP2_WEIGHTS\}/a.pkl' uses the environment variable \$UP2_WEIGHTS"):
+        expand_path("${UP2_WEIGHTS}/a.pkl", "K")
