@@ -15,10 +15,12 @@ from detectron2.utils.logger import setup_logger
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
 from up2.engine import UP2Trainer
+from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks import check_datasets_registered, default_task_name, resolve_task_data, task_specs_from_config
 from up2.utils import write_json_atomic
 from up2.utils.distributed import launch  # detectron2 launch + barrier and destroy_process_group in every worker
+from up2.utils.paths import expand_path
 
 
 def setup(args):
@@ -26,6 +28,8 @@ def setup(args):
     add_up2_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    if args.eval_only:  # the model to evaluate ($VAR expanded); training expands it in UP2Trainer.resume_or_load
+        cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
     # class names and dataset vocabularies, resolved once (from the checkpoint first when
     # evaluating it): the dumped OUTPUT_DIR/config.yaml then predicts without the datasets
     cfg = resolve_task_data(cfg, use_checkpoint=args.eval_only)
@@ -49,6 +53,8 @@ def main(args):
         if comm.is_main_process():
             write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))
         return results
+    if not will_resume(cfg, args.resume):
+        check_pretrained_weights(cfg)  # before the datasets load: a missing checkpoint fails in seconds
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()

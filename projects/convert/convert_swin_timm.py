@@ -14,6 +14,11 @@ Original Microsoft checkpoints keep a stage's patch merging at its END (``layers
 whereas timm keeps it at the START of the next stage: those are re-indexed (+1). Relative
 position tables of a different window size are NOT resized: build the backbone with the
 checkpoint's window size (the checkpointer skips shape-mismatched tensors with a warning).
+
+The Swin backbone of a detection checkpoint (e.g. a Swin-L pretrained on Objects365, which the
+paper's Swin-L starts from, §5.2) is converted with ``--input-prefix``: only the keys under that
+module path are kept, without it (``backbone.0.`` for IDEA's DINO, ``backbone.`` for a
+detectron2 / MaskDINO ``D2SwinTransformer``); the rest of the detector is dropped.
 """
 from __future__ import annotations
 
@@ -28,11 +33,26 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from checkpoint_io import load_state_dict, save_d2_checkpoint  # noqa: E402
 
-__all__ = ["convert_swin_state_dict", "main"]
+__all__ = ["convert_swin_state_dict", "select_prefix", "main"]
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _OLD_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 _BUFFERS = ("relative_position_index", "attn_mask")
+
+
+def select_prefix(state_dict: Dict[str, torch.Tensor], input_prefix: str) -> Dict[str, torch.Tensor]:
+    """The entries of ``state_dict`` under the module path ``input_prefix``, with it removed
+    (``"backbone.0."``: ``backbone.0.layers.0...`` -> ``layers.0...``); ``""`` keeps everything.
+
+    Raises:
+        ValueError: no key starts with ``input_prefix`` (names the prefix and a few keys).
+    """
+    if not input_prefix:
+        return state_dict
+    out = {k[len(input_prefix):]: v for k, v in state_dict.items() if k.startswith(input_prefix)}
+    if not out:
+        raise ValueError(f"no key starts with --input-prefix {input_prefix!r}; keys are e.g. {sorted(state_dict)[:5]}")
+    return out
 
 
 def convert_swin_state_dict(
@@ -74,11 +94,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--input", required=True, help="timm / Swin state dict (.pth, .bin, .safetensors)")
     parser.add_argument("--output", required=True, help="detectron2 checkpoint to write (.pkl or .pth)")
     parser.add_argument("--prefix", default="backbone.swin.", help="module path of the timm Swin in the model")
+    parser.add_argument("--input-prefix", default="",
+                        help="module path of the Swin inside the input ('backbone.0.' in a DINO detection checkpoint)")
     args = parser.parse_args(argv)
 
     state_dict = load_state_dict(args.input)
     try:
-        converted, dropped = convert_swin_state_dict(state_dict, args.prefix)
+        converted, dropped = convert_swin_state_dict(select_prefix(state_dict, args.input_prefix), args.prefix)
     except ValueError as e:
         raise ValueError(f"input checkpoint {args.input!r}: {e}") from e
     save_d2_checkpoint(converted, args.output, author="timm", matching_heuristics=False)

