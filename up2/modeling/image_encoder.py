@@ -11,7 +11,7 @@ embedding; every token kind carries a learned type embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,10 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+
+    def no_weight_decay(self) -> Set[str]:
+        """The learned queries are embeddings: not decayed (``up2.solver.weight_decay``)."""
+        return {"queries"}
 
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         q = self.queries.to(tokens.dtype)[None].expand(tokens.shape[0], -1, -1)
