@@ -44,7 +44,8 @@ from up2.modeling.proposal.query_selection import boxes_from_mask_embed, pixel_a
 from up2.structures import PixelDecoderOutput
 
 # the predictions and heads are defined in ``predictions``; importable from here as before
-__all__ = ["ProposalDecoder", "proposal_masks_supervised", "ProposalPredictions", "ProposalDecoderOutput", "MLP", "inverse_sigmoid"]
+__all__ = ["ProposalDecoder", "proposal_masks_supervised", "ProposalPredictions", "ProposalDecoderOutput", "MLP",
+           "inverse_sigmoid"]
 
 
 def proposal_masks_supervised(cfg) -> bool:
