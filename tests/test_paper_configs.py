@@ -59,3 +59,21 @@ def test_swin_large_differs_from_base_only_in_backbone():
     base, large = _load("up2_swin_base"), _load("up2_swin_large")
     assert large.MODEL.SWIN.MODEL_NAME == "swin_large_patch4_window12_384"
     assert large.TASKS == base.TASKS
+
+
+def test_paper_configs_reference_boxes_and_regional_tokens():
+    """Issue 16 items 1 and 5(c): the R50 mix supervises no masks, so its reference boxes are the
+    query-selection boxes (the Swin mixes have instance segmentation: mask-initialised boxes); all
+    O = 300 proposals become regional tokens."""
+    from detectron2.layers import ShapeSpec
+
+    from up2.modeling.image_encoder import ImageEncoder
+    from up2.modeling.proposal.decoder import ProposalDecoder
+
+    r50, swin = _load("up2_R50"), _load("up2_swin_base")
+    assert ProposalDecoder.from_config(r50)["init_box_from_mask"] is False
+    assert ProposalDecoder.from_config(swin)["init_box_from_mask"] is True
+    for cfg in (r50, swin):
+        assert cfg.MODEL.PROPOSAL.NUM_QUERIES == 300
+        args = ImageEncoder.from_config(cfg, {cfg.MODEL.IMAGE_ENCODER.GLOBAL_FEATURE: ShapeSpec(channels=8, stride=32)})
+        assert args["num_regional_tokens"] == 300

@@ -48,7 +48,14 @@ def add_up2_config(cfg: CN) -> None:
     P.NUM_QUERIES = 300  # O in the paper
     P.DN_NUM = 100  # denoising queries per image in training (0 disables); DINO/MaskDINO
     P.DN_BOX_NOISE = 0.4  # box noise scale of the denoising queries (DINO)
-    P.INIT_BOX_FROM_MASK = True  # initial boxes of selected queries from their predicted masks (MaskDINO)
+    # Initial boxes of the selected queries from their predicted masks (MaskDINO). An upper bound:
+    # used only when a task supervises the masks (instance_segmentation; proposal.decoder.
+    # proposal_masks_supervised). Without mask losses every box of the untrained mask head is the
+    # whole image. False turns it off everywhere.
+    P.INIT_BOX_FROM_MASK = True
+    # DINO's "look forward twice" (MaskDINO): layer i's predicted box is refined from layer i-1's
+    # undetached box, so its loss also trains layer i-1's box prediction; False = Deformable DETR.
+    P.LOOK_FORWARD_TWICE = True
     P.OBJECTNESS_WEIGHT = 4.0  # MaskDINO's class weight, now for the fg/bg classifier
     P.MASK_WEIGHT = 5.0  # mask BCE
     P.DICE_WEIGHT = 5.0
@@ -66,7 +73,9 @@ def add_up2_config(cfg: CN) -> None:
     I = cfg.MODEL.IMAGE_ENCODER = CN()
     I.GLOBAL_FEATURE = "res5"  # F_L, the last-scale backbone feature
     I.NUM_ATTN_POOLS = 1  # M'; the paper does not state it (ours)
-    I.NUM_REGIONAL_TOKENS = 100  # N proposals kept as tokens, by objectness; not stated in the paper (ours)
+    # N proposals kept as regional tokens, by objectness. 0 = all O (MODEL.PROPOSAL.NUM_QUERIES): the
+    # paper scores every proposal of a localization task (§4.1, §4.3); a smaller N is an ablation.
+    I.NUM_REGIONAL_TOKENS = 0
     I.MASK_POOL_SIZE = 28  # adaptive average pooling size of M(q^mask), paper §4.1
 
     # ---- f_text: Hugging Face encoder (paper §4.2) ---------------------------------------

@@ -1,6 +1,11 @@
+import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_cfg
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
 
+from up2 import add_up2_config
 from up2.modeling.image_encoder import ImageEncoder, select_regional_proposals
 from up2.modeling.proposal.position_encoding import box_sine_encoding
 from up2.structures import ProposalOutput
@@ -58,3 +63,26 @@ def test_no_attention_pool():
     enc = _encoder(num_attn_pools=0)
     out = enc(torch.randn(1, 8, 2, 2), [(64, 64)], _proposals(N=1))
     assert out.batch.tokens.shape == (1, 4 + 3, 24) and out.regional_start == 4
+
+
+def test_default_keeps_every_proposal_as_a_regional_token():
+    """MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS defaults to 0 = all O proposals (paper §4.1, §4.3):
+    a tiny config that leaves the key at its default gets one regional token per proposal."""
+    fresh = get_cfg()
+    add_up2_config(fresh)
+    assert fresh.MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS == 0
+    cfg = tiny_cfg(None, **{"MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS": 0})  # the default, not the tiny value
+    q = cfg.MODEL.PROPOSAL.NUM_QUERIES
+    shapes = {"res5": ShapeSpec(channels=8, stride=32)}
+    enc = ImageEncoder(cfg, shapes)
+    assert enc.num_regional_tokens == q
+    d = cfg.MODEL.UNIFIED_DECODER.EMBED_DIM
+    out = enc(torch.randn(2, 8, 2, 2), [(64, 64)] * 2, _proposals(Q=q, D=cfg.MODEL.PROPOSAL.HIDDEN_DIM))
+    assert out.regional_index.shape == (2, q) and out.batch.tokens.shape[1] == out.regional_start + q
+    assert out.batch.tokens.shape[-1] == d
+    assert sorted(out.regional_index[0].tolist()) == list(range(q))  # every proposal once
+    # an explicit N stays an explicit N; a negative one is an error naming the key
+    explicit = ImageEncoder(tiny_cfg(None, **{"MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS": 5}), shapes)
+    assert explicit.num_regional_tokens == 5
+    with pytest.raises(ValueError, match="NUM_REGIONAL_TOKENS must be >= 0"):
+        ImageEncoder(tiny_cfg(None, **{"MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS": -1}), shapes)

@@ -37,6 +37,7 @@ from up2.engine.multitask_step import MultiTaskStep
 from up2.modeling.tasks.base import TaskSpec, default_task_name, task_specs_from_config
 from up2.modeling.tasks.task_data import TASK_DATA_KEY, check_datasets_registered, resolve_task_data, task_data_of
 from up2.solver.tbgn import TBGN
+from up2.solver.weight_decay import exclude_from_weight_decay, no_weight_decay_parameters
 
 __all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
 
@@ -89,7 +90,8 @@ def _fused_adamw_ok(cfg, model: torch.nn.Module) -> bool:
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW or TBGN (paper §4.4) with the MaskDINO recipe: backbone and text
-    encoder at reduced lr, no weight decay on norms, and gradient clipping from
+    encoder at reduced lr, no weight decay on norms, embeddings, the temperature tau, [SPE]
+    and learned queries (``up2.solver.weight_decay``), and gradient clipping from
     ``cfg.SOLVER.CLIP_GRADIENTS`` (CLIP_TYPE "full_model" clips the norm over all parameters
     together; "value"/"norm" as detectron2). TBGN normalises the gradient itself, so clipping is
     not applied to it. AdamW uses torch's fused kernel where it can (:func:`_fused_adamw_ok`).
@@ -105,6 +107,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         lr_factor_func=_lr_factor(cfg),
     )
+    # tau, embeddings, [SPE], learned queries: weight decay 0 (up2.solver.weight_decay)
+    params = exclude_from_weight_decay(params, no_weight_decay_parameters(model).values())
     kind = cfg.SOLVER.OPTIMIZER.upper()
     if kind == "TBGN":
         return TBGN(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,

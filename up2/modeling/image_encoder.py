@@ -11,7 +11,7 @@ embedding; every token kind carries a learned type embedding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,10 @@ class AttentionPool(nn.Module):
         self.queries = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
         self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
 
+    def no_weight_decay(self) -> Set[str]:
+        """The learned queries are embeddings: not decayed (``up2.solver.weight_decay``)."""
+        return {"queries"}
+
     def forward(self, tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         q = self.queries.to(tokens.dtype)[None].expand(tokens.shape[0], -1, -1)
         return self.attn(q, tokens, tokens, key_padding_mask=padding_mask, need_weights=False)[0]
@@ -117,8 +121,14 @@ class ImageEncoder(nn.Module):
         Args:
             global_channels: C of F_L. global_stride: stride of F_L in pixels (for padding).
             proposal_dim: D of q^sem. embed_dim: d. num_attn_pools: M' (>= 0).
-            num_regional_tokens: R (>= 1). mask_pool_size: side of the pooled mask (paper: 28).
+            num_regional_tokens: R (>= 1; more than Q keeps all Q). ``from_config`` reads 0 in
+                ``MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS`` as Q (all proposals).
+            mask_pool_size: side of the pooled mask (paper: 28).
             num_heads: heads of the attention poolings.
+
+        Raises:
+            ValueError: ``num_regional_tokens`` < 1 or ``num_attn_pools`` < 0 (``from_config``:
+                ``NUM_REGIONAL_TOKENS`` < 0, or a ``GLOBAL_FEATURE`` the backbone does not output).
         """
         super().__init__()
         if num_regional_tokens < 1:
@@ -146,13 +156,17 @@ class ImageEncoder(nn.Module):
                 f"(outputs: {sorted(input_shape)})"
             )
         spec = input_shape[ie.GLOBAL_FEATURE]
+        if ie.NUM_REGIONAL_TOKENS < 0:
+            raise ValueError(f"MODEL.IMAGE_ENCODER.NUM_REGIONAL_TOKENS must be >= 0 (0 = all "
+                             f"MODEL.PROPOSAL.NUM_QUERIES proposals), got {ie.NUM_REGIONAL_TOKENS}")
         return {
             "global_channels": spec.channels,
             "global_stride": spec.stride,
             "proposal_dim": cfg.MODEL.PROPOSAL.HIDDEN_DIM,
             "embed_dim": cfg.MODEL.UNIFIED_DECODER.EMBED_DIM,
             "num_attn_pools": ie.NUM_ATTN_POOLS,
-            "num_regional_tokens": ie.NUM_REGIONAL_TOKENS,
+            # 0: every one of the O proposals is a regional token (paper §4.1 Eq. 1, §4.3)
+            "num_regional_tokens": ie.NUM_REGIONAL_TOKENS or cfg.MODEL.PROPOSAL.NUM_QUERIES,
             "mask_pool_size": ie.MASK_POOL_SIZE,
             "num_heads": cfg.MODEL.UNIFIED_DECODER.NUM_HEADS,
         }

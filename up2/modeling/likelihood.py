@@ -5,6 +5,7 @@ Shape shorthand: X inputs (any leading shape), C candidate targets, d width.
 from __future__ import annotations
 
 import math
+from typing import Set
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,10 @@ class Likelihood(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         return {"init_temperature": cfg.MODEL.UNIFIED_DECODER.INIT_TEMPERATURE}
+
+    def no_weight_decay(self) -> Set[str]:
+        """tau is not decayed (``up2.solver.weight_decay``): decay would pull log(1/tau) to 0, tau to 1."""
+        return {"log_inv_tau"}
 
     @property
     def temperature(self) -> torch.Tensor:

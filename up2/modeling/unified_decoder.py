@@ -9,7 +9,7 @@ sequence-level representation there.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +182,10 @@ class UnifiedDecoder(nn.Module):
             "dropout": g.DROPOUT,
             "ffn_factory": _moe_factory(g),
         }
+
+    def no_weight_decay(self) -> Set[str]:
+        """The ``[SPE]`` token is an embedding: not decayed (``up2.solver.weight_decay``)."""
+        return {"spe"}
 
     def with_spe(self, batch: TokenBatch) -> TokenBatch:
         """Return a new batch with ``[SPE]`` as token 0 (tokens (B, T+1, d)); prefix_length grows

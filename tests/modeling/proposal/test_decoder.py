@@ -276,3 +276,44 @@ def test_bad_inputs():
         _decoder(num_levels=4)(_enc())
     with pytest.raises(ValueError, match="hidden_dim"):
         _decoder(hidden_dim=30)
+
+
+def _box_deltas_and_stage_boxes(look_forward_twice: bool):
+    """Train-mode forward with targets; returns (the box head's output after each decoder layer,
+    the decoder output, the box head's last Linear). The box head is shared by the layers, so its
+    per-layer outputs delta_i (captured by a forward hook) stand for "layer i's box head"."""
+    dec = _decoder(look_forward_twice=look_forward_twice, num_layers=3).train()
+    deltas = []
+    dec.box_head.register_forward_hook(lambda module, args, out: deltas.append(out))
+    out = dec(_enc(), GT)
+    return deltas, out, dec.box_head.layers[-1]
+
+
+def test_look_forward_twice_box_loss_of_layer_i_trains_layer_i_minus_1():
+    """DINO §3.5 / MaskDINO: the box predicted after layer i is
+    sigmoid(delta_i + inverse_sigmoid(ref_{i-1})) with ref_{i-1} undetached, so the box loss of layer i reaches delta_{i-1}; the reference the
+    next layer reads stays detached (no gradient to delta_{i-2}). Without the feature (Deformable
+    DETR) no path leads from layer i's box to delta_{i-1}."""
+    target = torch.tensor([0.4, 0.45, 0.3, 0.25])
+    deltas, out, head = _box_deltas_and_stage_boxes(True)
+    assert len(deltas) == 3 and len(out.layers) == 4  # stage j = after layer j-1 (stage 0: initial queries)
+    loss = (out.layers[3].boxes - target).abs().sum()  # the box L1 loss of layer 2 (the last layer)
+    g = torch.autograd.grad(loss, deltas, allow_unused=True, retain_graph=True)
+    assert_grad_norm(g[2], 1e-2, "delta_2 (its own layer)")
+    assert_grad_norm(g[1], 1e-2, "delta_1 (the layer before)")
+    assert g[0] is None  # ref_0 is detached where ref_1 is computed: two layers back is cut
+
+    deltas0, out0, head0 = _box_deltas_and_stage_boxes(False)
+    loss0 = (out0.layers[3].boxes - target).abs().sum()
+    g0 = torch.autograd.grad(loss0, deltas0, allow_unused=True, retain_graph=True)
+    assert_grad_norm(g0[2], 1e-2, "delta_2 without look-forward-twice")
+    assert g0[1] is None and g0[0] is None
+    # the same boxes either way (only the gradient differs), denoising queries included
+    for a, b in zip(out.layers + out.dn_layers, out0.layers + out0.dn_layers):
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-5, atol=1e-6)
+    # on the box head's parameters (shared by the layers, same init in both decoders): the part
+    # of the gradient that arrives through delta_1 (norms here: 3.6 on the weight, 4.2 on the bias)
+    for p, p0 in zip(head.parameters(), head0.parameters()):
+        (gp,) = torch.autograd.grad(loss, [p], retain_graph=True)
+        (gp0,) = torch.autograd.grad(loss0, [p0], retain_graph=True)
+        assert_grad_norm(gp - gp0, 1.0, "box head gradient through the previous layer")

@@ -15,7 +15,7 @@ converted by ``projects/convert/convert_swin_timm.py`` with detectron2's ``Detec
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Set
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +111,12 @@ class D2SwinTransformer(Backbone):
             "drop_path_rate": cfg.MODEL.SWIN.DROP_PATH_RATE,
             "in_chans": input_shape.channels if input_shape.channels is not None else 3,
         }
+
+    def no_weight_decay(self) -> Set[str]:
+        """Swin's relative position bias tables (and absolute position embedding, if any) are
+        not decayed (Swin's recipe; ``up2.solver.weight_decay``). Names relative to this module."""
+        return {n for n, _ in self.named_parameters()
+                if "relative_position_bias_table" in n or "absolute_pos_embed" in n}
 
     @property
     def size_divisibility(self) -> int:

@@ -17,8 +17,13 @@ Pipeline:
     2. ``num_layers`` decoder layers over [denoising ++ matching] queries: self-attention (with
        the denoising mask), deformable cross-attention to the memory around each reference box,
        FFN (post-norm). The query position embedding is an MLP of the reference box's sine
-       encoding. After each layer the shared box head refines the reference box
-       (``sigmoid(delta + inverse_sigmoid(ref))``), detached before the next layer.
+       encoding. After each layer i the shared box head predicts a delta_i and refines the
+       reference box, ``ref_i = sigmoid(delta_i + inverse_sigmoid(ref_{i-1}.detach()))``; the
+       next layer reads ``ref_i.detach()``. With ``look_forward_twice`` (DINO §3.5, MaskDINO)
+       the box that layer i PREDICTS (its loss, its output) is
+       ``sigmoid(delta_i + inverse_sigmoid(ref_{i-1}))`` with ``ref_{i-1}`` NOT detached, so the
+       box loss of layer i also trains delta_{i-1} (the box head as applied after layer i-1, and
+       the layers below it). The values are the same either way; only the gradient differs.
     3. Shared heads on the normalised queries: objectness ``Linear(D, 1)``, box ``MLP(D, D, 4)``
        and mask embedding ``MLP(D, D, D)`` whose dot product with the mask features gives the
        mask logits.
@@ -39,7 +44,33 @@ from up2.modeling.proposal.query_selection import boxes_from_mask_embed, pixel_a
 from up2.structures import PixelDecoderOutput
 
 # the predictions and heads are defined in ``predictions``; importable from here as before
-__all__ = ["ProposalDecoder", "ProposalPredictions", "ProposalDecoderOutput", "MLP", "inverse_sigmoid"]
+__all__ = ["ProposalDecoder", "proposal_masks_supervised", "ProposalPredictions", "ProposalDecoderOutput", "MLP",
+           "inverse_sigmoid"]
+
+
+def proposal_masks_supervised(cfg) -> bool:
+    """Whether a task of ``cfg.TASKS`` supervises the proposal network's masks (its task class has
+    ``with_masks``: instance segmentation). Mask-initialised reference boxes (MaskDINO) need a
+    trained mask head: with detection alone, every mask of the untrained head covers about half
+    the pixels and its box is the whole image, for all Q queries, and nothing trains them (the
+    boxes are read detached). A config without tasks (a proposal network built on its own)
+    returns True, so that ``MODEL.PROPOSAL.INIT_BOX_FROM_MASK`` alone decides.
+
+    Raises:
+        ValueError: a task whose TYPE is not a registered task type.
+    """
+    from up2.modeling.tasks import TASK_REGISTRY  # registers every task type; import here: no cycle
+
+    if not cfg.TASKS:
+        return True
+    supervised = False
+    for name, node in cfg.TASKS.items():
+        ttype = node.get("TYPE") if hasattr(node, "get") else None
+        if ttype not in TASK_REGISTRY:
+            raise ValueError(f"cfg.TASKS.{name}.TYPE={ttype!r} is not a known task type; known: "
+                             f"{sorted(k for k, _ in TASK_REGISTRY)}")
+        supervised = supervised or bool(TASK_REGISTRY.get(ttype).with_masks)
+    return supervised
 
 
 class ProposalDecoder(nn.Module):
@@ -53,6 +84,11 @@ class ProposalDecoder(nn.Module):
         dn_num: denoising queries per image in training (0 disables).
         dn_box_noise: lambda of the denoising box noise.
         init_box_from_mask: initialise reference boxes from the selected queries' masks.
+            Only meaningful when a task supervises the masks (instance segmentation): without
+            mask losses the mask head is untrained and its boxes are whole-image boxes.
+            ``from_config`` decides it from the task list (``MODEL.PROPOSAL.INIT_BOX_FROM_MASK``).
+        look_forward_twice: the box a layer predicts is refined from the previous layer's
+            undetached box (module docstring, step 2); False detaches it (Deformable DETR).
 
     Raises:
         ValueError: on non-positive sizes or a ``hidden_dim`` not divisible by 4 / ``num_heads``.
@@ -73,6 +109,7 @@ class ProposalDecoder(nn.Module):
         dn_num: int = 0,
         dn_box_noise: float = 0.4,
         init_box_from_mask: bool = True,
+        look_forward_twice: bool = True,
     ):
         super().__init__()
         for name, v in (("hidden_dim", hidden_dim), ("num_heads", num_heads), ("num_levels", num_levels),
@@ -89,6 +126,7 @@ class ProposalDecoder(nn.Module):
         self.dn_num = dn_num
         self.dn_box_noise = dn_box_noise
         self.init_box_from_mask = init_box_from_mask
+        self.look_forward_twice = look_forward_twice
 
         # query selection
         self.enc_output = nn.Linear(hidden_dim, hidden_dim)
@@ -131,7 +169,8 @@ class ProposalDecoder(nn.Module):
             "dropout": p.DROPOUT,
             "dn_num": p.DN_NUM,
             "dn_box_noise": p.DN_BOX_NOISE,
-            "init_box_from_mask": p.INIT_BOX_FROM_MASK,
+            "init_box_from_mask": p.INIT_BOX_FROM_MASK and proposal_masks_supervised(cfg),
+            "look_forward_twice": p.LOOK_FORWARD_TWICE,
         }
 
     # ------------------------------------------------------------------ heads
@@ -233,6 +272,7 @@ class ProposalDecoder(nn.Module):
         t = 0 if dn is None else dn.num_queries
 
         tgt = content
+        prev_boxes = ref_boxes  # the previous layer's box, undetached (the initial boxes are detached)
         # Intermediate layers' masks feed only the losses: without targets (inference, and the
         # image-level tasks in training) only the last layer has a mask head.
         all_masks = gt_boxes is not None
@@ -242,10 +282,13 @@ class ProposalDecoder(nn.Module):
             refs = ref_boxes[:, :, None].expand(-1, -1, self.num_levels, -1)
             tgt = layer(tgt, pos, refs, enc.memory, enc.spatial_shapes, enc.level_start_index, enc.padding_mask,
                         attn_mask, key_padding_mask)
-            new_boxes = (self.box_head(tgt) + inverse_sigmoid(ref_boxes)).sigmoid()
+            delta = self.box_head(tgt)
+            new_boxes = (delta + inverse_sigmoid(ref_boxes)).sigmoid()  # ref_i; its input ref is detached
+            # the predicted box: from the previous layer's undetached box (look forward twice)
+            pred_boxes = (delta + inverse_sigmoid(prev_boxes)).sigmoid() if self.look_forward_twice else new_boxes
             last = i == len(self.layers) - 1
-            stages.append(self.predict(tgt, new_boxes, enc.mask_features, with_masks=all_masks or last))
-            ref_boxes = new_boxes.detach()
+            stages.append(self.predict(tgt, pred_boxes, enc.mask_features, with_masks=all_masks or last))
+            prev_boxes, ref_boxes = new_boxes, new_boxes.detach()
 
         return ProposalDecoderOutput(
             interm=interm,

@@ -11,7 +11,7 @@ Shape shorthand (see ``up2.structures``):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -199,6 +199,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "num_points": p.N_POINTS,
             "dropout": p.DROPOUT,
         }
+
+    def no_weight_decay(self) -> Set[str]:
+        """The level embedding is a learned per-level type embedding: not decayed
+        (``up2.solver.weight_decay``)."""
+        return {"level_embed"}
 
     @staticmethod
     def _reference_points(shapes, valid_ratios: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,8 @@ class Task:
         localization: predictions are boxes / masks (training drops images without
             annotations when DATALOADER.FILTER_EMPTY_ANNOTATIONS and groups aspect ratios; the
             default task when it is the only such task).
+        with_masks: the task supervises the proposal network's masks (instance segmentation);
+            the proposal decoder initialises its reference boxes from masks only then.
         needs_class_names: the task's targets are class names (resolved from the datasets).
         has_vocabulary: the targets are the text encoder's vocabulary (``TaskSpec.vocabulary``).
         test_batch_size: images (or texts) per batch at evaluation.
@@ -65,6 +67,7 @@ class Task:
     reads: Tuple[str, ...] = ()
     options: Tuple[str, ...] = ()
     localization = False
+    with_masks = False
     needs_class_names = False
     has_vocabulary = False
     test_batch_size = 8
