@@ -37,8 +37,8 @@ class CaptioningTask(Task):
     """Inputs: image-text mapper dicts ("image"; "caption" (str) in training). Options
     (inference): ``beam_size`` / ``max_length`` / ``length_penalty``, None = the config's
     BEAM_SIZE / MAX_CAPTION_LENGTH / LENGTH_PENALTY (defaults in ``TaskSpec``: Uni-Perceiver's
-    COCO protocol, beam 2 and length penalty 2.0). Training loss {"loss_caption"}; eval output per image: {"caption": str,
-    "caption_ids": (t,) int64 token ids without specials}."""
+    COCO protocol, beam 2 and length penalty 2.0). Training loss {"loss_caption"}; eval output
+    per image: {"caption": str, "caption_ids": (t,) int64 token ids without specials}."""
 
     family = TaskFamily.CAPTIONING
     reads = (TEXT_SEGMENT,)
@@ -134,7 +134,7 @@ class CaptioningTask(Task):
         te = model.text_encoder
         sp = te.special_ids
         ids_v = vocab.resolve(te)
-        N, Ti = image_batch.padding_mask.shape
+        N = image_batch.padding_mask.shape[0]
         K = check_beam_int("beam_size", beam_size)
         rep = lambda t: t.repeat_interleave(K, dim=0)  # noqa: E731
         img = TokenBatch(tokens=rep(image_batch.tokens), padding_mask=rep(image_batch.padding_mask),
@@ -152,17 +152,16 @@ class CaptioningTask(Task):
             raise ValueError(f"task {self.spec.name}: the vocabulary targets hold neither the end token "
                              f"({sp.sep}) nor padding ({sp.pad}); a caption could never end")
         start = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
-        state = {"cache": None}
+        cache = None
 
         def step(generated: torch.Tensor, parents: Optional[torch.Tensor]) -> torch.Tensor:
-            if parents is None:
-                state["cache"] = g.prefill(img)
-            else:
-                state["cache"] = state["cache"].reorder(parents)
+            """(N*K, t) generated target indices -> (N*K, V) log-probabilities of the next target."""
+            nonlocal cache
+            cache = g.prefill(img) if parents is None else cache.reorder(parents)
             seqs = torch.cat([start, ids_v[generated]], dim=1)
             # the newest token's context-free embedding (its position counts the tokens before it)
             newest = te.embed_tokens(seqs)[:, -1:].to(dtype)
-            out, state["cache"] = g.extend(state["cache"], newest, text_attr)
+            out, cache = g.extend(cache, newest, text_attr)
             return model.likelihood(out[:, 0], targets).log_softmax(-1)  # (N*K, V)
 
         found = beam_search(step, N, beam_size, max_length, end_indices=ends, filler_index=ends[-1],
