@@ -112,7 +112,8 @@ def add_up2_config(cfg: CN) -> None:
     # keys of a task: TYPE ("detection" | "instance_segmentation" | "classification" | "retrieval" |
     # "captioning" | "masked_lm"), DATASETS: {TRAIN, TEST}, IMS_PER_BATCH, SAMPLING_RATIO (s_k),
     # LOSS_WEIGHT (w_k), GRAD_WEIGHT (omega_k); captioning / masked_lm: VOCABULARY ("full" | "dataset"),
-    # captioning: BEAM_SIZE, MAX_CAPTION_LENGTH; retrieval: GATHER_FEATURES. Filled in when training
+    # captioning: BEAM_SIZE, MAX_CAPTION_LENGTH, LENGTH_PENALTY (defaults in TaskSpec: beam 2, length
+    # penalty 2.0, Uni-Perceiver's COCO protocol); retrieval: GATHER_FEATURES. Filled in when training
     # is set up (up2.modeling.tasks.resolve_task_data), so inference needs no dataset: CLASS_NAMES
     # (detection / segmentation / classification), VOCABULARY_IDS (VOCABULARY "dataset").
     # Any other key is an error (up2.modeling.tasks.base.TASK_KEYS).

@@ -203,11 +203,13 @@ class GeneralistPredictor:
 
     @torch.no_grad()
     def caption(self, images: ImagesLike, beam_size: Optional[int] = None, max_length: Optional[int] = None,
-                batch_size: int = 8):
-        """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images)."""
+                batch_size: int = 8, length_penalty: Optional[float] = None):
+        """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images);
+        None = the task's BEAM_SIZE / MAX_CAPTION_LENGTH / LENGTH_PENALTY (``up2.modeling.beam_search``)."""
         name = self._task("captioning", lambda t: t.family is TaskFamily.CAPTIONING)
         return self._map(images, batch_size, lambda xs: [
-            o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length)])
+            o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length,
+                                             length_penalty=length_penalty)])
 
     @torch.no_grad()
     def retrieve(self, images: ImagesLike, texts: Sequence[str], batch_size: int = 8) -> torch.Tensor:

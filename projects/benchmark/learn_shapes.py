@@ -132,7 +132,7 @@ def predictor_accuracy(cfg, dataset: str) -> float:
 
 
 KEEP = {"bbox": ("AP", "AP50"), "segm": ("AP", "AP50"), "classification": ("top1", "top5"),
-        "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"), "captioning": ("BLEU-4", "CIDEr"),
+        "retrieval": ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"), "captioning": ("BLEU-4", "CIDEr", "ptb_tokenizer"),
         "mlm": ("accuracy",)}
 
 

@@ -1,14 +1,17 @@
-"""CaptioningEvaluator against pycocoevalcap's scorers called directly; result file; errors."""
+"""CaptioningEvaluator against pycocoevalcap's scorers called directly; result file; errors; the PTB
+tokenizer (Java) when available, simple_tokenize otherwise, and the result naming which."""
 import json
 import logging
 import os
+import shutil
 
 import pytest
 from detectron2.data import MetadataCatalog
+from detectron2.evaluation.testing import flatten_results_dict
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from up2.evaluation import CaptioningEvaluator, load_coco_captions, simple_tokenize
+from up2.evaluation import CaptioningEvaluator, caption_scores, load_coco_captions, simple_tokenize, tokenize_captions
 
 # Already lowercase and without punctuation, so simple_tokenize leaves them as they are.
 GTS = {
@@ -98,3 +101,66 @@ def test_bad_input(tmp_path):
         CaptioningEvaluator(str(bad))
     with pytest.raises(ValueError, match="captions_file"):
         CaptioningEvaluator.from_dataset("test_up2_no_captions")
+
+
+# ---- tokenizer: coco-caption's PTB (Java) when available, else simple_tokenize; the result names it
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="no java on PATH (PTB tokenizer)")
+
+
+def _results_are_detectron2_floats(res):
+    """EvalHook stores every flattened result as a float; the writers need strict JSON."""
+    assert all(isinstance(v, float) for v in flatten_results_dict(res).values())
+    json.dumps(res, allow_nan=False)
+
+
+@needs_java
+def test_ptb_tokenizer_is_used_and_named_when_java_is_there(caplog):
+    assert tokenize_captions({1: ["A man's T-shirt, red."]}) == ({1: ["a man 's t-shirt red"]}, "ptb")
+    ev = CaptioningEvaluator(GTS)
+    with caplog.at_level(logging.INFO, logger="up2.evaluation.captioning"):
+        res = _run(ev, RES)
+    assert res["captioning"]["ptb_tokenizer"] == 1.0 and ev.tokenizer_used == "ptb"
+    assert "PTB tokenizer" in caplog.text
+    _results_are_detectron2_floats(res)
+
+
+def test_without_java_simple_tokenize_is_used_and_named(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
+    assert tokenize_captions({1: ["A man's T-shirt, red."]}) == ({1: ["a man s t shirt red"]}, "simple")
+    ev = CaptioningEvaluator(GTS)
+    with caplog.at_level(logging.INFO, logger="up2.evaluation.captioning"):
+        res = _run(ev, RES)
+    assert res["captioning"]["ptb_tokenizer"] == 0.0 and ev.tokenizer_used == "simple"
+    assert "simple_tokenize" in caplog.text
+    _results_are_detectron2_floats(res)
+    with pytest.raises(RuntimeError, match="no 'java' is on PATH"):
+        CaptioningEvaluator(GTS, tokenizer="ptb")
+    with pytest.raises(ValueError, match="tokenizer must be one of"):
+        CaptioningEvaluator(GTS, tokenizer="PTB")
+
+
+def test_a_failed_ptb_run_falls_back_with_a_warning(monkeypatch, caplog):
+    import up2.evaluation.captioning as captioning
+
+    def broken(captions):
+        raise PermissionError("read-only jar folder")
+
+    monkeypatch.setattr(captioning.shutil, "which", lambda name: "/opt/java/bin/java")
+    monkeypatch.setattr(captioning, "_ptb_tokenize", broken)
+    with caplog.at_level(logging.WARNING, logger="up2.evaluation.captioning"):
+        assert tokenize_captions({1: ["A cat."]}) == ({1: ["a cat"]}, "simple")
+    assert "PTB tokenizer failed (PermissionError: read-only jar folder)" in caplog.text
+    with pytest.raises(PermissionError):  # asked for explicitly: no fallback
+        tokenize_captions({1: ["A cat."]}, "ptb")
+
+
+@needs_java
+def test_punctuation_and_case_score_as_the_normalised_caption_under_ptb():
+    gts = {1: ["A man's T-shirt is red.", "a man in a red shirt"], 2: ["Two dogs -- running!", "dogs run in a park"]}
+    raw = {1: "A man's T-shirt, red!", 2: "Two dogs, running in the park."}
+    normalised = {1: "a man 's t-shirt red", 2: "two dogs running in the park"}
+    a = caption_scores(gts, raw, tokenizer="ptb")
+    b = caption_scores(gts, normalised, tokenizer="ptb")
+    assert a["ptb_tokenizer"] == b["ptb_tokenizer"] == 1.0
+    assert a == pytest.approx(b, rel=1e-9) and a["BLEU-1"] > 50

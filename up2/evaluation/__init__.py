@@ -5,7 +5,8 @@ gathers its records to rank 0 with ``detectron2.utils.comm.gather`` and returns 
 results ``{task_key: {metric: value}}`` with values in percent (x100) on the main process and
 ``{}`` on the others. See each module's docstring for the input / output fields it reads.
 """
-from up2.evaluation.captioning import CaptioningEvaluator, caption_scores, load_coco_captions, simple_tokenize
+from up2.evaluation.captioning import (CaptioningEvaluator, caption_scores, load_coco_captions, simple_tokenize,
+                                      tokenize_captions)
 from up2.evaluation.classification import ClassificationEvaluator
 from up2.evaluation.mlm import IGNORE_INDEX, MaskedLMEvaluator
 from up2.evaluation.retrieval import RetrievalEvaluator, retrieval_recalls
@@ -18,6 +19,7 @@ __all__ = [
     "caption_scores",
     "load_coco_captions",
     "simple_tokenize",
+    "tokenize_captions",
     "MaskedLMEvaluator",
     "IGNORE_INDEX",
 ]

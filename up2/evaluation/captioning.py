@@ -5,10 +5,18 @@ Format consumed by :meth:`CaptioningEvaluator.process` (one pair per image):
     input  ``"image_id"``: the image's id in the ground truth (int for COCO).
     output ``"caption"``: str, the generated caption.
 
-Tokenisation is :func:`simple_tokenize` (pure Python), NOT coco-caption's Java PTB tokenizer:
-lowercase, every character that is not a letter, digit, underscore or whitespace becomes a space,
-split on whitespace. It differs from PTB on contractions and hyphens ("man's" -> "man s",
-"t-shirt" -> "t shirt"), so scores are close to, not bit-identical with, the official toolkit's.
+Tokenisation (``tokenizer=``):
+    "ptb": coco-caption's protocol, pycocoevalcap's ``PTBTokenizer`` (Stanford PTBTokenizer, a
+        Java program: lowercase, PTB tokens, punctuation tokens removed: "A man's T-shirt." ->
+        "a man 's t-shirt"). Needs ``java`` on PATH.
+    "simple": :func:`simple_tokenize` (pure Python): lowercase, every character that is not a
+        letter, digit, underscore or whitespace becomes a space ("a man s t shirt"); it differs
+        from PTB on contractions and hyphens, so its scores are close to, not equal to, the
+        official toolkit's.
+    "auto" (default): "ptb" when ``java`` is on PATH, else "simple"; a PTB run that fails (e.g. the
+        jar's folder is read-only) falls back to "simple" with a warning.
+The tokenizer used is logged with the scores and reported in the results as the non-metric field
+``"ptb_tokenizer"`` (1.0 = PTB, 0.0 = simple: detectron2 results are nested dicts of floats).
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import json
 import logging
 import os
 import re
-from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Union
+import shutil
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
@@ -27,13 +36,16 @@ from detectron2.utils.logger import create_small_table
 
 from up2.utils.atomic import write_json_atomic
 
-__all__ = ["CaptioningEvaluator", "simple_tokenize", "load_coco_captions", "caption_scores"]
+__all__ = ["CaptioningEvaluator", "simple_tokenize", "load_coco_captions", "caption_scores", "tokenize_captions",
+           "TOKENIZERS"]
 
 logger = logging.getLogger(__name__)
 
 _NON_WORD = re.compile(r"[^\w\s]")
 
 RESULTS_FILE = "captions_results.json"  # written under output_dir, COCO results format
+TOKENIZERS = ("auto", "ptb", "simple")
+TOKENIZER_FIELD = "ptb_tokenizer"  # results: 1.0 = PTB tokenizer, 0.0 = simple_tokenize (not a metric)
 
 
 def simple_tokenize(text: str) -> str:
@@ -76,21 +88,90 @@ def _scorers():
     return Bleu, Cider
 
 
-def caption_scores(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, str]) -> Dict[str, float]:
+def _check_tokenizer(tokenizer: str) -> str:
+    """``tokenizer`` checked (one of :data:`TOKENIZERS`); "ptb" needs java on PATH.
+
+    Raises:
+        ValueError: an unknown name. RuntimeError: "ptb" without java on PATH.
+    """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    if tokenizer == "ptb" and shutil.which("java") is None:
+        raise RuntimeError("tokenizer='ptb' runs pycocoevalcap's PTBTokenizer, a Java program, but no 'java' is on "
+                           "PATH: install a Java runtime, or use tokenizer='simple' (or 'auto')")
+    return tokenizer
+
+
+def _ptb_tokenize(captions: Mapping[Hashable, Sequence[str]]) -> Dict[Hashable, List[str]]:
+    """pycocoevalcap's PTBTokenizer on every caption in one Java run, its output checked.
+
+    Raises:
+        RuntimeError: the tokenizer's output does not hold one line per caption.
+        OSError: Java or the jar's temporary file could not be run / written.
+    """
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    # one line per caption: any line break or other whitespace run becomes one space
+    inputs = {k: [{"caption": " ".join(c.split())} for c in caps] for k, caps in captions.items() if caps}
+    out = PTBTokenizer().tokenize(inputs)
+    bad = [k for k, caps in inputs.items() if len(out.get(k, ())) != len(caps)]
+    if bad or len(out) != len(inputs):
+        raise RuntimeError(f"PTBTokenizer (java) returned {sum(map(len, out.values()))} lines for "
+                           f"{sum(map(len, inputs.values()))} captions")
+    return {k: list(out.get(k, [])) for k in captions}
+
+
+def tokenize_captions(captions: Mapping[Hashable, Sequence[str]],
+                      tokenizer: str = "auto") -> Tuple[Dict[Hashable, List[str]], str]:
+    """Tokenise captions for the scorers (module docstring: "ptb", "simple", "auto").
+
+    Args:
+        captions: key -> list of str captions.
+        tokenizer: "auto", "ptb" or "simple".
+
+    Returns:
+        (key -> list of tokenised captions (space-separated tokens), the tokenizer used: "ptb" or
+        "simple").
+
+    Raises:
+        ValueError: an unknown tokenizer. RuntimeError / OSError: "ptb" without java, or a PTB run
+            that failed (with "auto" that falls back to "simple" with a warning instead).
+    """
+    tokenizer = _check_tokenizer(tokenizer)
+    if tokenizer == "auto":
+        tokenizer = "ptb" if shutil.which("java") is not None else "simple"
+        if tokenizer == "ptb":
+            try:
+                return _ptb_tokenize(captions), "ptb"
+            except (OSError, RuntimeError) as e:
+                logger.warning(f"PTB tokenizer failed ({type(e).__name__}: {e}); captions are tokenised with "
+                               "simple_tokenize instead (scores close to, not equal to, coco-caption's)")
+                tokenizer = "simple"
+    if tokenizer == "ptb":
+        return _ptb_tokenize(captions), "ptb"
+    return {k: [simple_tokenize(c) for c in caps] for k, caps in captions.items()}, "simple"
+
+
+def caption_scores(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, str],
+                   tokenizer: str = "auto") -> Dict[str, float]:
     """BLEU-1..4 (corpus level, "closest" reference length) and CIDEr-D, all x100.
 
-    Captions are tokenised with :func:`simple_tokenize`; CIDEr's document frequencies come from
-    the references of the scored images (as in coco-caption).
+    References and generated captions are tokenised together (:func:`tokenize_captions`; one Java
+    run for PTB); CIDEr's document frequencies come from the references of the scored images (as
+    in coco-caption).
 
     Args:
         gts: image_id -> reference captions (>= 1 each), for every id of ``res``.
         res: image_id -> generated caption.
+        tokenizer: "auto" (PTB when java is on PATH, else simple), "ptb" or "simple".
 
     Returns:
-        ``{"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}`` -> float (x100).
+        ``{"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}`` -> float (x100), plus the non-metric
+        ``"ptb_tokenizer"``: 1.0 when the PTB tokenizer was used, 0.0 for simple_tokenize.
 
     Raises:
-        ValueError: empty ``res``, or an id of ``res`` without references in ``gts``.
+        ValueError: empty ``res``, an id of ``res`` without references in ``gts``, an unknown
+            tokenizer. RuntimeError: tokenizer "ptb" without java.
     """
     if not res:
         raise ValueError("no caption to score")
@@ -99,13 +180,16 @@ def caption_scores(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable,
         raise ValueError(f"no reference caption for image_id(s) {missing[:5]} ({len(missing)} in all)")
     Bleu, Cider = _scorers()
     ids = sorted(res)
-    refs = {i: [simple_tokenize(c) for c in gts[i]] for i in ids}
-    hyps = {i: [simple_tokenize(res[i])] for i in ids}
+    both = {**{("gt", i): list(gts[i]) for i in ids}, **{("res", i): [res[i]] for i in ids}}
+    tokenized, used = tokenize_captions(both, tokenizer)
+    refs = {i: tokenized[("gt", i)] for i in ids}
+    hyps = {i: tokenized[("res", i)] for i in ids}
     with contextlib.redirect_stdout(io.StringIO()):  # the BLEU scorer prints its n-gram counts
         bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
     cider, _ = Cider().compute_score(refs, hyps)
     out = {f"BLEU-{n + 1}": 100.0 * float(b) for n, b in enumerate(bleu)}
     out["CIDEr"] = 100.0 * float(cider)
+    out[TOKENIZER_FIELD] = 1.0 if used == "ptb" else 0.0
     return out
 
 
@@ -115,7 +199,9 @@ class CaptioningEvaluator(DatasetEvaluator):
     Only predicted images are scored (a partial run scores its subset, with a warning); when an
     image id appears twice the first caption received (rank 0 first) is kept.
 
-    Results (main process): ``{"captioning": {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}}``.
+    Results (main process): ``{"captioning": {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr",
+    "ptb_tokenizer"}}``, floats; "ptb_tokenizer" is not a metric but the tokenizer used (1.0 = PTB,
+    0.0 = simple; also logged, and kept as :attr:`tokenizer_used`, "ptb" / "simple").
     With ``output_dir`` the predictions are also written to ``output_dir/captions_results.json`` as
     COCO results (``[{"image_id", "caption"}]``, sorted by image_id) via a temp file + rename.
     Other ranks return ``{}``; an evaluator that saw no image warns and returns ``{}``.
@@ -127,6 +213,7 @@ class CaptioningEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         distributed: bool = True,
         task_key: str = "captioning",
+        tokenizer: str = "auto",
     ):
         """
         Args:
@@ -134,12 +221,17 @@ class CaptioningEvaluator(DatasetEvaluator):
             output_dir: where to write the predictions (None: not written).
             distributed: gather from all ranks (detectron2 ``comm``); False evaluates this rank only.
             task_key: the key of the result dict.
+            tokenizer: "auto" (coco-caption's PTB tokenizer when java is on PATH, else
+                :func:`simple_tokenize`), "ptb" or "simple" (module docstring).
 
         Raises:
             ImportError: pycocoevalcap is not installed.
-            ValueError: a malformed captions json or mapping.
+            ValueError: a malformed captions json or mapping, an unknown tokenizer.
+            RuntimeError: tokenizer "ptb" without java on PATH.
         """
         _scorers()
+        self._tokenizer = _check_tokenizer(tokenizer)
+        self.tokenizer_used: Optional[str] = None  # "ptb" / "simple" after evaluate()
         if isinstance(ground_truth, (str, os.PathLike)):
             self._gts = load_coco_captions(os.fspath(ground_truth))
         elif isinstance(ground_truth, Mapping):
@@ -158,7 +250,8 @@ class CaptioningEvaluator(DatasetEvaluator):
         self.reset()
 
     @classmethod
-    def from_dataset(cls, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True):
+    def from_dataset(cls, dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True,
+                     tokenizer: str = "auto"):
         """Build from ``MetadataCatalog.get(dataset_name).captions_file`` (a COCO captions json).
 
         Raises:
@@ -169,7 +262,7 @@ class CaptioningEvaluator(DatasetEvaluator):
         path = getattr(MetadataCatalog.get(dataset_name), "captions_file", None)
         if not path:
             raise ValueError(f"dataset {dataset_name!r} has no 'captions_file' in its metadata")
-        return cls(path, output_dir=output_dir, distributed=distributed)
+        return cls(path, output_dir=output_dir, distributed=distributed, tokenizer=tokenizer)
 
     def reset(self):
         self._predictions: List[dict] = []
@@ -224,6 +317,9 @@ class CaptioningEvaluator(DatasetEvaluator):
             logger.warning(
                 f"[CaptioningEvaluator] {unscored} ground-truth image(s) have no prediction; scoring {len(res)} images"
             )
-        scores = caption_scores(self._gts, res)
-        logger.info(f"Captioning scores (x100) over {len(res)} images:\n" + create_small_table(scores))
+        scores = caption_scores(self._gts, res, self._tokenizer)
+        self.tokenizer_used = "ptb" if scores[TOKENIZER_FIELD] else "simple"
+        name = "coco-caption's PTB tokenizer" if self.tokenizer_used == "ptb" else "simple_tokenize (no Java PTB)"
+        logger.info(f"Captioning scores (x100) over {len(res)} images, tokenised with {name}:\n"
+                    + create_small_table({k: v for k, v in scores.items() if k != TOKENIZER_FIELD}))
         return {self._task_key: scores}

@@ -89,3 +89,15 @@ def test_evaluator_scores_the_generated_captions(cap_model):
     ev.process(inputs, out)
     res = ev.evaluate()["captioning"]
     assert 0.0 <= res["BLEU-4"] <= 100.0 and 0.0 <= res["CIDEr"] <= 1000.0
+
+
+def test_length_penalty_option(cap_model):
+    """The option reaches the search: beam 1 ignores it (greedy), a bad value is a clear error."""
+    cfg, model = cap_model
+    inputs = mapped_inputs(cfg, model, "CAP", n=2)
+    plain = _generate(model, inputs, beam_size=1, length_penalty=0.0)
+    for a, b in zip(plain, _generate(model, inputs, beam_size=1, length_penalty=2.0)):
+        assert torch.equal(a["caption_ids"], b["caption_ids"])
+    assert len(_generate(model, inputs, beam_size=2, length_penalty=1.0)) == 2
+    with pytest.raises(ValueError, match="length_penalty must be a finite float >= 0"):
+        _generate(model, inputs, length_penalty=-1.0)

@@ -195,3 +195,29 @@ def test_train_net_checks_the_default_task_before_writing_config_yaml(shapes_dat
     with pytest.raises(ValueError, match="DEFAULT_TASK='TSAK'"):
         train_net.setup(args)
     assert kept.read_text() == "# the training run's config\n"
+
+
+def test_caption_decoding_defaults_are_uni_perceivers_coco_protocol():
+    """Beam 2, length penalty 2.0 unless the task says otherwise; the default lives in TaskSpec."""
+    from detectron2.config import get_cfg
+
+    from conftest import REPO_ROOT
+    from up2 import add_up2_config
+    from up2.modeling.tasks import TaskSpec, task_specs_from_config
+
+    cfg = tiny_cfg(None)
+    add_task(cfg, "CAP", "captioning", "test_shapes_caption_train", "test_shapes_caption_val")
+    spec = task_specs_from_config(cfg)["CAP"]
+    assert (spec.beam_size, spec.length_penalty) == (2, 2.0)
+    assert (TaskSpec.beam_size, TaskSpec.length_penalty) == (2, 2.0)
+    cfg.TASKS.CAP.BEAM_SIZE, cfg.TASKS.CAP.LENGTH_PENALTY = 1, 0.5
+    spec = task_specs_from_config(cfg)["CAP"]
+    assert (spec.beam_size, spec.length_penalty) == (1, 0.5)
+    cfg.TASKS.CAP.LENGTH_PENALTY = -1.0
+    with pytest.raises(ValueError, match=r"cfg\.TASKS\.CAP\.LENGTH_PENALTY must be a finite float >= 0, got -1"):
+        task_specs_from_config(cfg)
+    paper = get_cfg()
+    add_up2_config(paper)
+    paper.merge_from_file(str(REPO_ROOT / "configs" / "up2_R50.yaml"))
+    spec = task_specs_from_config(paper)["CAPTIONING"]
+    assert (spec.beam_size, spec.length_penalty) == (2, 2.0)

@@ -32,6 +32,7 @@ TASK_KEYS = {
     "VOCABULARY_IDS": "resolved 'dataset' vocabulary: token ids (filled by task_data.resolve_task_data)",
     "CLASS_NAMES": "class names of a classification-like task (filled by task_data.resolve_task_data)",
     "BEAM_SIZE": "captioning beam width (1 = greedy)",
+    "LENGTH_PENALTY": "captioning: final beams ranked by sum log-prob / length ** LENGTH_PENALTY",
     "MAX_CAPTION_LENGTH": "captioning: most generated tokens",
     "GATHER_FEATURES": "retrieval: negatives from all ranks (Gather Feature)",
 }
@@ -63,7 +64,11 @@ class TaskSpec:
         vocabulary: target vocabulary of captioning / masked LM: "full" (every token of the
             tokenizer) or "dataset" (only tokens that occur in the training texts; small runs).
         vocabulary_ids: the resolved "dataset" vocabulary, ascending token ids; empty otherwise.
-        beam_size / max_caption_length: captioning decoding (beam 1 = greedy; tokens, no specials).
+        beam_size / max_caption_length / length_penalty: captioning decoding (beam 1 = greedy;
+            most generated tokens; the K final beams ranked by sum log-prob / |y| ** length_penalty,
+            ``up2.modeling.beam_search``). The defaults are Uni-Perceiver's COCO caption protocol
+            (its zero-shot mscoco_caption config: BEAM_SIZE 2, LEN_PENALTY 2.0); the ONE place
+            they are defined (the config reader takes them from here).
         gather_features: retrieval negatives from all ranks (paper's Gather Feature).
     """
 
@@ -78,8 +83,9 @@ class TaskSpec:
     class_names: Tuple[str, ...] = ()
     vocabulary: str = "full"
     vocabulary_ids: Tuple[int, ...] = ()
-    beam_size: int = 1
+    beam_size: int = 2
     max_caption_length: int = 20
+    length_penalty: float = 2.0
     gather_features: bool = True
 
     @property
@@ -100,6 +106,11 @@ class TaskSpec:
         """Whether the spec carries every datum its type needs for inference."""
         return (not self.needs_class_names or bool(self.class_names)) and (
             not self.needs_vocabulary_ids or bool(self.vocabulary_ids))
+
+
+def _default(field_name: str):
+    """The default of a TaskSpec field (a config key left out takes it)."""
+    return TaskSpec.__dataclass_fields__[field_name].default
 
 
 def _check_keys(where: str, node) -> None:
@@ -189,12 +200,15 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
             class_names=check_class_names(node.get("CLASS_NAMES", []), f"{where}.CLASS_NAMES"),
             vocabulary=vocabulary,
             vocabulary_ids=_ids(f"{where}.VOCABULARY_IDS", node.get("VOCABULARY_IDS", [])),
-            beam_size=int(node.get("BEAM_SIZE", 1)),
-            max_caption_length=int(node.get("MAX_CAPTION_LENGTH", 20)),
+            beam_size=int(node.get("BEAM_SIZE", _default("beam_size"))),
+            max_caption_length=int(node.get("MAX_CAPTION_LENGTH", _default("max_caption_length"))),
+            length_penalty=float(node.get("LENGTH_PENALTY", _default("length_penalty"))),
             gather_features=bool(node.get("GATHER_FEATURES", True)),
         )
         if specs[name].beam_size < 1 or specs[name].max_caption_length < 1:
             raise ValueError(f"{where}: BEAM_SIZE and MAX_CAPTION_LENGTH must be >= 1")
+        if not 0 <= specs[name].length_penalty < float("inf"):
+            raise ValueError(f"{where}.LENGTH_PENALTY must be a finite float >= 0, got {specs[name].length_penalty}")
     return specs
 
 

@@ -6,11 +6,12 @@ Input x = image tokens ++ caption tokens under a prefix-causal mask (text sees e
 token and the earlier text); each text position is compared with the vocabulary targets and
 trained with next-token cross-entropy (Eq. 7). Caption tokens enter g through the text
 encoder's context-free embedding layer, so no later token leaks into an earlier one.
-Inference: batched beam search (beam 1 = greedy), stopping at the end token.
+Inference: batched beam search (beam 1 = greedy), stopping at the end token, final beams ranked by
+sum log-prob / length ** length_penalty (``up2.modeling.beam_search``; Uni-Perceiver's COCO
+protocol: beam 2, length penalty 2.0).
 """
 from __future__ import annotations
 
-import operator
 from typing import List, Optional, Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from up2.data.mappers import ImageTextDatasetMapper
 from up2.evaluation import CaptioningEvaluator
+from up2.modeling.beam_search import beam_search, check_beam_int
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskInputs
@@ -33,13 +35,14 @@ TEXT_SEGMENT = "text"  # the caption tokens of the token batch
 @register_task("captioning")
 class CaptioningTask(Task):
     """Inputs: image-text mapper dicts ("image"; "caption" (str) in training). Options
-    (inference): ``beam_size`` / ``max_length``, None = the config's BEAM_SIZE /
-    MAX_CAPTION_LENGTH. Training loss {"loss_caption"}; eval output per image: {"caption": str,
-    "caption_ids": (t,) int64 token ids without specials}."""
+    (inference): ``beam_size`` / ``max_length`` / ``length_penalty``, None = the config's
+    BEAM_SIZE / MAX_CAPTION_LENGTH / LENGTH_PENALTY (defaults in ``TaskSpec``: Uni-Perceiver's
+    COCO protocol, beam 2 and length penalty 2.0). Training loss {"loss_caption"}; eval output
+    per image: {"caption": str, "caption_ids": (t,) int64 token ids without specials}."""
 
     family = TaskFamily.CAPTIONING
     reads = (TEXT_SEGMENT,)
-    options = ("beam_size", "max_length")
+    options = ("beam_size", "max_length", "length_penalty")
     has_vocabulary = True
 
     def __init__(self, spec, **kwargs):
@@ -98,12 +101,15 @@ class CaptioningTask(Task):
         return {"loss_caption": self.spec.loss_weight * loss}
 
     def predict(self, model, inputs, targets, batched_inputs, beam_size: Optional[int] = None,
-                max_length: Optional[int] = None) -> List[dict]:
+                max_length: Optional[int] = None, length_penalty: Optional[float] = None) -> List[dict]:
         """Raises: ValueError for a beam_size / max_length that is not an int >= 1 (bool and float
-        too); None = the config's value, 0 or a negative value is an error, not the default."""
+        too) or a length_penalty that is not a finite float >= 0; None = the config's value, 0 or a
+        negative value is an error, not the default."""
+        spec = self.spec
         return self.generate(model, inputs.batch, self.vocabulary(model.text_encoder), targets.embeddings,
-                             self.spec.beam_size if beam_size is None else beam_size,
-                             self.spec.max_caption_length if max_length is None else max_length)
+                             spec.beam_size if beam_size is None else beam_size,
+                             spec.max_caption_length if max_length is None else max_length,
+                             spec.length_penalty if length_penalty is None else length_penalty)
 
     def build_mapper(self, cfg, is_train: bool):
         return ImageTextDatasetMapper(cfg, is_train=is_train)
@@ -113,67 +119,58 @@ class CaptioningTask(Task):
 
     @torch.no_grad()
     def generate(self, model, image_batch: TokenBatch, vocab: VocabularyTargets, targets: torch.Tensor,
-                 beam_size: int, max_length: int) -> List[dict]:
-        """Batched beam search over the vocabulary targets (sum of log-probabilities, no length
-        penalty, so beam 1 is exactly greedy decoding). A finished beam (end token) keeps its
-        score and only extends with padding.
+                 beam_size: int, max_length: int, length_penalty: float = 0.0) -> List[dict]:
+        """Batched beam search over the vocabulary targets (``up2.modeling.beam_search``): partial
+        captions ranked by their sum of log-probabilities, the K final ones by
+        ``sum log p / |y| ** length_penalty`` (|y| counts the end token), so beam 1 is exactly
+        greedy decoding. Decoding stops at the end (or padding) token.
 
         Returns:
             per image {"caption": str, "caption_ids": (t,) int64 without special tokens}.
+
+        Raises:
+            ValueError: beam_size / max_length not an int >= 1, length_penalty not a float >= 0.
         """
-        for name, value in (("beam_size", beam_size), ("max_length", max_length)):
-            try:
-                ok = not isinstance(value, bool) and operator.index(value) >= 1
-            except TypeError:  # a float, None, a non-integer tensor
-                ok = False
-            if not ok:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        beam_size, max_length = operator.index(beam_size), operator.index(max_length)
         te = model.text_encoder
         sp = te.special_ids
         ids_v = vocab.resolve(te)
-        N, Ti = image_batch.padding_mask.shape
-        K = beam_size
+        N = image_batch.padding_mask.shape[0]
+        K = check_beam_int("beam_size", beam_size)
         rep = lambda t: t.repeat_interleave(K, dim=0)  # noqa: E731
         img = TokenBatch(tokens=rep(image_batch.tokens), padding_mask=rep(image_batch.padding_mask),
                          attributes=rep(image_batch.attributes))
         # Key/value cache: the image prefix runs through g once; each step runs only the newest
         # token (it attends to the prefix and the earlier text, as in the prefix-causal sequence).
         g = model.unified_decoder
-        cache = g.prefill(img)
         dtype = image_batch.tokens.dtype
         text_attr = constant_attributes(N * K, 1, modality=Modality.TEXT, role=Role.INPUT,
                                         attention=TokenAttention.CAUSAL, task=self.family, device=model.device,
                                         dtype=dtype).to(image_batch.attributes.dtype)
-        pad_index = int(vocab.index_of(torch.tensor([sp.pad], device=model.device), te)[0])  # once, not per step
-        seqs = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
-        scores = torch.full((N, K), float("-inf"), device=model.device)
-        scores[:, 0] = 0.0  # start from one live beam per image
-        done = torch.zeros(N * K, dtype=torch.bool, device=model.device)
-        for _ in range(max_length):
+        positions = vocab.index_of(torch.tensor([sp.sep, sp.pad], device=model.device), te).tolist()  # once
+        ends = [i for i in positions if i >= 0]
+        if not ends:
+            raise ValueError(f"task {self.spec.name}: the vocabulary targets hold neither the end token "
+                             f"({sp.sep}) nor padding ({sp.pad}); a caption could never end")
+        start = torch.full((N * K, 1), sp.cls, dtype=torch.long, device=model.device)
+        cache = None
+
+        def step(generated: torch.Tensor, parents: Optional[torch.Tensor]) -> torch.Tensor:
+            """(N*K, t) generated target indices -> (N*K, V) log-probabilities of the next target."""
+            nonlocal cache
+            cache = g.prefill(img) if parents is None else cache.reorder(parents)
+            seqs = torch.cat([start, ids_v[generated]], dim=1)
             # the newest token's context-free embedding (its position counts the tokens before it)
             newest = te.embed_tokens(seqs)[:, -1:].to(dtype)
             out, cache = g.extend(cache, newest, text_attr)
-            logp = model.likelihood(out[:, 0], targets).log_softmax(-1)  # (N*K, V)
-            # finished beams extend with padding at no cost
-            logp[done] = float("-inf")
-            logp[done, pad_index] = 0.0
-            V = logp.shape[1]
-            cand = (scores.view(N, K, 1) + logp.view(N, K, V)).view(N, K * V)
-            scores, flat = cand.topk(K, dim=1)
-            beam = flat // V + torch.arange(N, device=flat.device)[:, None] * K
-            token = ids_v[flat % V]
-            seqs = torch.cat([seqs[beam.flatten()], token.view(-1, 1)], dim=1)
-            cache = cache.reorder(beam.flatten())
-            done = done[beam.flatten()] | (token.flatten() == sp.sep) | (token.flatten() == sp.pad)
-            if done.all():
-                break
-        best = seqs.view(N, K, -1)[:, 0]  # topk keeps beams sorted by score
+            return model.likelihood(out[:, 0], targets).log_softmax(-1)  # (N*K, V)
+
+        found = beam_search(step, N, beam_size, max_length, end_indices=ends, filler_index=ends[-1],
+                            length_penalty=length_penalty, device=model.device)
         specials = {sp.cls, sp.sep, sp.pad}
         results = []
-        for row in best.tolist():
+        for row in ids_v[found.indices].tolist():
             words = []
-            for t in row[1:]:
+            for t in row:
                 if t in (sp.sep, sp.pad):
                     break
                 if t not in specials:
