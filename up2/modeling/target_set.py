@@ -16,14 +16,14 @@ version counters, which optimizer steps and ``load_state_dict`` both bump).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes
 from up2.modeling.decoder_outputs import SPE
 from up2.structures import TokenBatch
 from up2.utils.distributed import gather_with_grad
@@ -44,7 +44,7 @@ class TargetEmbeddings:
     aux_loss: Optional[torch.Tensor] = None
 
 
-def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: torch.Tensor, family: TaskFamily,
+def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: torch.Tensor, inputs: AbstractSet[Modality],
                    chunk: Optional[int] = None) -> TargetEmbeddings:
     """Targets through g, read at [SPE] (paper Eq. 6): the one place targets are encoded.
 
@@ -52,9 +52,10 @@ def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: tor
         decoder: the unified decoder g.
         features: (C, T, d) float token features of the C targets (from ``f_text``).
         padding_mask: (C, T) bool, True on padding.
-        family: the task family (part of the tokens' MoE routing attributes: text, target,
-            bidirectional).
-        chunk: targets per pass through g (None = all at once); the result does not depend on it.
+        inputs: the modalities of the task's input x (with text, target, bidirectional: the
+            tokens' MoE routing attributes).
+        chunk: targets per pass through g (None = all at once); the result does not depend on it
+            (except that in training each pass draws its own MoE gate noise).
 
     Returns:
         TargetEmbeddings: (C, d) embeddings and the summed MoE balance loss of the passes.
@@ -69,7 +70,7 @@ def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: tor
     for start in range(0, features.shape[0], chunk):
         feats, pad = features[start : start + chunk], padding_mask[start : start + chunk]
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.TARGET,
-                                         attention=TokenAttention.BIDIRECTIONAL, task=family,
+                                         attention=TokenAttention.BIDIRECTIONAL, inputs=inputs,
                                          device=feats.device, dtype=feats.dtype)
         out = decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes), read=(SPE,))
         outs.append(out.spe)
@@ -85,13 +86,14 @@ def _world() -> Tuple[int, int]:
     return 0, 1
 
 
-def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor, family: TaskFamily,
+def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor, inputs: AbstractSet[Modality],
                       chunk: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
     """Vocabulary tokens as targets: g(f_text(v)) at [SPE] for every token v (paper §4.2, Eq. 6).
 
     Each token is encoded as a text of its own (``TextEncoder.encode_single_tokens``) and goes
     through g like any target (:func:`encode_targets`), ``chunk`` tokens at a time. Two memory
-    savers for training, neither of which changes the result:
+    savers for training, neither of which changes the result (checkpointing replays the RNG, so a
+    recomputed pass draws the same MoE gate noise):
 
     * ``recompute``: activation checkpointing per chunk. Only the chunk's ids and its (chunk, d)
       embeddings are kept for the backward pass; the text encoder's and g's activations are
@@ -107,7 +109,7 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
         text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
         decoder: the unified decoder g.
         token_ids: (V,) int64 vocabulary ids.
-        family: the task family (MoE routing attributes of the targets).
+        inputs: the modalities of the task's input x (MoE routing attribute of the targets).
         chunk: tokens per pass through f_text and g (>= 1).
         recompute: checkpoint each chunk (use it when gradients are needed).
         shard: split the vocabulary across the ranks of the default process group.
@@ -131,7 +133,7 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
         ids = torch.cat([ids, ids[-1:].expand(per_rank * world - V)])[rank * per_rank : (rank + 1) * per_rank]
 
     def run(part: torch.Tensor):
-        emb = encode_targets(decoder, *text_encoder.encode_single_tokens(part), family)
+        emb = encode_targets(decoder, *text_encoder.encode_single_tokens(part), inputs)
         return emb.embeddings, emb.aux_loss
 
     outs, aux = [], []
@@ -151,7 +153,7 @@ class TargetCache:
     """Target embeddings of a model prepared for inference (``up2.modeling.inference``).
 
     ``get(key, params, compute)`` returns the cached (C, d) tensor when the same key (e.g. texts,
-    task family, precision) was embedded with the same weights (same parameter identities and
+    input modalities, precision) was embedded with the same weights (same parameter identities and
     version counters); otherwise it calls ``compute()`` and stores its result, detached.
     """
 
