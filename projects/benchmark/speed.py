@@ -107,7 +107,7 @@ def up2_calls(model, size, args, names):
     one = [{"image": random_image(h, w, h * 10000 + w), "height": h, "width": w}]
     batch = [{"image": random_image(h, w, i), "height": h, "width": w} for i in range(args.retrieval_batch)]
 
-    def image_only(inputs):  # f_image + g up to the [SPE] token (classification and retrieval: image-only input)
+    def image_only(inputs):  # f_image + g up to the [SPE] token (classification, retrieval: image input)
         with model.inference_autocast():
             return model.unified_decoder(model.encode_image(inputs, input_modalities(Modality.IMAGE)).tokens.batch, read=(SPE,)).spe
 
