@@ -69,9 +69,9 @@ def test_beam_one_equals_greedy_and_batch_equals_single(joint):
     task = model.tasks["CAP"]
     sp = model.text_encoder.special_ids
     with torch.no_grad():  # greedy decoding by hand: one image at a time, argmax token by token
-        enc = model.encode_image(inputs, task.family)
+        enc = model.encode_image(inputs, task.input_modalities)
         vocab = task.vocabulary(model.text_encoder)
-        targets = vocab.embed(model, task.family).embeddings
+        targets = vocab.embed(model, task.input_modalities).embeddings
         for i, out in enumerate(beam1):
             img = enc.tokens.batch
             one = type(img)(tokens=img.tokens[i : i + 1], padding_mask=img.padding_mask[i : i + 1],

@@ -103,9 +103,12 @@ def add_up2_config(cfg: CN) -> None:
     G.DROPOUT = 0.1  # BERT-base
     G.INIT_TEMPERATURE = 0.07  # tau at initialisation (learnable, clamped to >= 0.01)
     G.MOE = CN()
-    G.MOE.ENABLED = False  # Conditional MoE (Uni-Perceiver-MoE) in every FFN of g (paper §5.2); False = dense FFN
-    G.MOE.NUM_EXPERTS = 8  # E experts per FFN layer (not stated in the paper; ours)
-    G.MOE.TOP_K = 2  # experts per token, chosen from its attributes only (not stated in the paper; ours)
+    # Conditional MoE (Uni-Perceiver-MoE) in every FFN of g (paper §5.2); False = dense FFN. Each linear layer of
+    # the FFN holds E experts; a gate on the token's attributes (never its content) picks k and merges their weights.
+    G.MOE.ENABLED = False
+    G.MOE.NUM_EXPERTS = 8  # E experts per linear layer (not stated in the paper; Uni-Perceiver-MoE BASE uses 8)
+    G.MOE.TOP_K = 2  # experts merged per routing group (not stated in the paper; Uni-Perceiver-MoE BASE uses 2)
+    G.MOE.NOISE_STD = 1.0  # training noise on the gate logits, N(0, (NOISE_STD / E)^2) (Uni-Perceiver-MoE "vmoe")
     G.MOE.BALANCE_LOSS_WEIGHT = 0.0  # Switch load-balancing loss weight; 0 disables (few attribute groups per batch)
 
     # ---- Tasks (paper §4.4, Eq. 7). One sub-node per task, e.g. TASKS.DETECTION ----------------

@@ -40,7 +40,7 @@ from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks.base import check_class_names
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.tasks.task import TaskFamily
 from up2.utils.paths import expand_path
 
 __all__ = ["GeneralistPredictor", "BatchPredictor", "group_by_padded_size"]

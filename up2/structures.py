@@ -137,7 +137,7 @@ class TokenBatch:
         tokens: (B, T, d) float.
         padding_mask: (B, T) bool, True on padding.
         attributes: (B, T, A) float, per-token routing attributes for conditional MoE
-            (modality, role, attention kind, task family); see ``up2.modeling.moe``.
+            (modality, role, attention kind, the task's input modalities); see ``up2.modeling.moe``.
         attention: the batch's attention pattern (:class:`TokenAttention`).
         prefix_length: (B,) int64, the bidirectional prefix of a CAUSAL batch (None = 0;
             ignored for BIDIRECTIONAL).

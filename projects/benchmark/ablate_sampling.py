@@ -71,7 +71,7 @@ def row_config(row: str, iters: int, output: str, seed: int, mixed_batch: str = 
     cfg.SEED = seed
     total = sum(float(t.SAMPLING_RATIO) for t in cfg.TASKS.values())
     from up2.modeling.tasks import TASK_REGISTRY
-    from up2.modeling.token_attributes import TaskFamily
+    from up2.modeling.tasks.task import TaskFamily
 
     for name, task in cfg.TASKS.items():
         if TASK_REGISTRY.get(task.TYPE).family is TaskFamily.RETRIEVAL:

@@ -103,7 +103,7 @@ def main(argv=None):
                     if metric in KEEP.get(group, ()):
                         rows.append([task, dataset, f"{group} {metric}", value, args.iters, round(seconds)])
     from up2.modeling.tasks import TASK_REGISTRY
-    from up2.modeling.token_attributes import TaskFamily
+    from up2.modeling.tasks.task import TaskFamily
 
     for name, spec in cfg.TASKS.items():
         if TASK_REGISTRY.get(spec.TYPE).family is TaskFamily.CLASSIFICATION:

@@ -29,5 +29,5 @@ def write_random_roberta_base(folder: str, corpus, vocab_size: int = ROBERTA_BAS
         vocab[a + b] = len(vocab)
         merges.append((a, b))
     vocab["<mask>"] = len(vocab)
-    RobertaTokenizerFast(vocab=vocab, merges=merges).save_pretrained(folder)
+    RobertaTokenizerFast(vocab=vocab, merges=merges, model_max_length=512).save_pretrained(folder)  # roberta-base's limit
     RobertaModel(RobertaConfig(vocab_size=vocab_size)).save_pretrained(folder)

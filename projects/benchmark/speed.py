@@ -101,15 +101,15 @@ def up2_calls(model, size, args, names):
     """[(key, label, call, count_flops or None, images per call, warm-up calls)] of the selected
     up2 rows; ``count_flops()`` returns a ``flops`` result."""
     from up2.modeling.decoder_outputs import SPE
-    from up2.modeling.token_attributes import TaskFamily
+    from up2.modeling.token_attributes import Modality, input_modalities
 
     h, w = size
     one = [{"image": random_image(h, w, h * 10000 + w), "height": h, "width": w}]
     batch = [{"image": random_image(h, w, i), "height": h, "width": w} for i in range(args.retrieval_batch)]
 
-    def image_only(inputs, family=TaskFamily.CLASSIFICATION):  # f_image + g up to the [SPE] token
+    def image_only(inputs):  # f_image + g up to the [SPE] token (classification, retrieval: image input)
         with model.inference_autocast():
-            return model.unified_decoder(model.encode_image(inputs, family).tokens.batch, read=(SPE,)).spe
+            return model.unified_decoder(model.encode_image(inputs, input_modalities(Modality.IMAGE)).tokens.batch, read=(SPE,)).spe
 
     def det(inputs):
         return model(inputs, task="SPEED_SEG")
@@ -118,7 +118,7 @@ def up2_calls(model, size, args, names):
         return model(inputs, task="SPEED_CLS", class_names=names)
 
     def retrieval(inputs):
-        return image_only(inputs, TaskFamily.RETRIEVAL)
+        return image_only(inputs)
 
     def caption():
         return model(one, task="SPEED_CAP", beam_size=1, max_length=args.caption_length)

@@ -12,7 +12,7 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from conftest import add_task, tiny_cfg
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks import resolve_task_data
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.token_attributes import Modality, input_modalities
 
 CL = torch.channels_last
 
@@ -135,8 +135,8 @@ def test_image_encoding_matches(pair):
     nchw.eval()
     inputs = _images()
     with torch.no_grad():
-        ea = nhwc.encode_image(inputs, TaskFamily.LOCALIZATION)
-        eb = nchw.encode_image(inputs, TaskFamily.LOCALIZATION)
+        ea = nhwc.encode_image(inputs, input_modalities(Modality.IMAGE))
+        eb = nchw.encode_image(inputs, input_modalities(Modality.IMAGE))
         fa = nhwc.backbone(ea.images.tensor)
         fb = nchw.backbone(eb.images.tensor)
     for k in fa:

@@ -84,15 +84,16 @@ def _moe_decoder(d=16):
 
 
 def _prefix_and_text(B=2, Ti=5, T=4, d=16):
-    from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+    from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes, input_modalities
 
+    inputs = input_modalities(Modality.IMAGE, Modality.TEXT)
     g = torch.Generator().manual_seed(1)
     img_pad = torch.zeros(B, Ti, dtype=torch.bool)
     img_pad[1, -2:] = True  # image 1 has 2 padded tokens
     img_attr = constant_attributes(B, Ti, modality=Modality.IMAGE, role=Role.INPUT,
-                                   attention=TokenAttention.BIDIRECTIONAL, task=TaskFamily.CAPTIONING)
+                                   attention=TokenAttention.BIDIRECTIONAL, inputs=inputs)
     txt_attr = constant_attributes(B, T, modality=Modality.TEXT, role=Role.INPUT,
-                                   attention=TokenAttention.CAUSAL, task=TaskFamily.CAPTIONING)
+                                   attention=TokenAttention.CAUSAL, inputs=inputs)
     prefix = TokenBatch(tokens=torch.randn(B, Ti, d, generator=g), padding_mask=img_pad, attributes=img_attr)
     text = torch.randn(B, T, d, generator=g)
     full = TokenBatch(tokens=torch.cat((prefix.tokens, text), 1),

@@ -32,7 +32,7 @@ Rewrites (names for ``rewrites=``):
   rounding of GEMMs over fewer rows (~1e-7 in float32). In place: not for autograd.
 - ``"target_cache"``: target embeddings (class names, vocabularies; they do not depend on the
   input) are kept between calls in a ``up2.modeling.target_set.TargetCache``, invalidated when a
-  weight they depend on changes, keyed by the texts / token ids, the task family and the
+  weight they depend on changes, keyed by the texts / token ids, the task's input modalities and the
   autocast precision.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -23,7 +23,7 @@ from up2.modeling.target_set import TargetCache, TargetEmbeddings, encode_target
 from up2.modeling.tasks.base import TASK_REGISTRY, TaskSpec, default_task_name, implicit_default_task
 from up2.modeling.tasks.task_data import task_specs_for_model
 from up2.modeling.text_encoder import TextEncoder
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes, input_modalities_key
 from up2.modeling.unified_decoder import UnifiedDecoder
 from up2.structures import ProposalOutput
 
@@ -241,11 +241,11 @@ class UniPerceiverV2(nn.Module):
         return TargetEmbeddings(self.target_cache.get(
             (str(precision), *key), self.text_parameters(), lambda: compute().embeddings))
 
-    def embed_texts(self, texts: Sequence[str], family: TaskFamily, cache: bool = True) -> TargetEmbeddings:
+    def embed_texts(self, texts: Sequence[str], inputs: AbstractSet[Modality], cache: bool = True) -> TargetEmbeddings:
         """Texts (class names, captions) as targets: g(f_text(y)) at [SPE] (paper Eq. 6).
 
         Args:
-            texts: C strings. family: the task family (MoE routing).
+            texts: C strings. inputs: the modalities of the task's input x (MoE routing).
             cache: whether a model prepared for inference may keep them (class names: yes;
                 the captions of one batch: no).
 
@@ -260,15 +260,15 @@ class UniPerceiverV2(nn.Module):
             raise ValueError("the target set is empty: give at least one class name / text")
 
         if not cache:  # the captions of one batch: activations like any other, kept per rank
-            return encode_targets(self.unified_decoder, *self.text_encoder.encode(texts), family)
+            return encode_targets(self.unified_decoder, *self.text_encoder.encode(texts), inputs)
 
         def compute():
             batch = self.text_encoder.tokenize(texts)
             return encode_text_targets(self.text_encoder, self.unified_decoder,
                                        batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                       family, **self._target_set_memory())
+                                       inputs, **self._target_set_memory())
 
-        return self._targets(("texts", family.value, *texts), compute)
+        return self._targets(("texts", input_modalities_key(inputs), *texts), compute)
 
     def _target_set_memory(self) -> dict:
         """chunk / recompute / shard of a fixed target set: the memory savers only apply when
@@ -277,36 +277,36 @@ class UniPerceiverV2(nn.Module):
         return {"chunk": self.target_chunk, "recompute": grad and self.target_recompute,
                 "shard": grad and self.target_shard}
 
-    def embed_tokens_as_targets(self, token_ids: torch.Tensor, family: TaskFamily, key: tuple) -> TargetEmbeddings:
+    def embed_tokens_as_targets(self, token_ids: torch.Tensor, inputs: AbstractSet[Modality], key: tuple) -> TargetEmbeddings:
         """Single vocabulary tokens as targets (captioning, masked LM): each token through f_text
         as a text of its own, then g, read at [SPE] (paper §4.2, Eq. 6). In training the
         vocabulary is encoded in chunks with recomputed activations and split across ranks
         (``up2.modeling.target_set.encode_vocabulary``; cfg.MODEL.TARGET_SETS).
 
         Args:
-            token_ids: (V,) int64. family: the task family. key: identifies the token set in
+            token_ids: (V,) int64. inputs: the modalities of the task's input x. key: identifies the token set in
                 the inference cache.
 
         Returns:
             TargetEmbeddings, embeddings (V, d).
         """
         def compute():
-            return encode_vocabulary(self.text_encoder, self.unified_decoder, token_ids, family,
+            return encode_vocabulary(self.text_encoder, self.unified_decoder, token_ids, inputs,
                                      **self._target_set_memory())
 
-        return self._targets(("tokens", family.value, *key), compute)
+        return self._targets(("tokens", input_modalities_key(inputs), *key), compute)
 
     def encode_image(
         self,
         batched_inputs: Sequence[dict],
-        family: TaskFamily,
+        inputs: AbstractSet[Modality],
         targets_fn: Optional[Callable[[ImageList], list]] = None,
     ) -> ImageEncoding:
         """f_image (paper §4.1): backbone, proposals and the image token sequence.
 
         Args:
             batched_inputs: mapper dicts with "image" (3, H, W) uint8.
-            family: task family for the tokens' MoE routing attributes.
+            inputs: the modalities of the task's input x (the tokens' MoE routing attributes).
             targets_fn: in training, builds the proposal network's ProposalTargets from the
                 padded ImageList (localization tasks); None = no proposal losses.
 
@@ -322,7 +322,7 @@ class UniPerceiverV2(nn.Module):
         batch = tokens.batch
         batch.attributes = constant_attributes(
             *batch.padding_mask.shape, modality=Modality.IMAGE, role=Role.INPUT,
-            attention=TokenAttention.BIDIRECTIONAL, task=family, device=batch.tokens.device, dtype=batch.tokens.dtype,
+            attention=TokenAttention.BIDIRECTIONAL, inputs=inputs, device=batch.tokens.device, dtype=batch.tokens.dtype,
         )
         return ImageEncoding(images=images, proposals=proposals, proposal_losses=losses, tokens=tokens, targets=targets)
 

@@ -17,14 +17,14 @@ version counters, which optimizer steps and ``load_state_dict`` both bump).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes
 from up2.modeling.decoder_outputs import SPE
 from up2.structures import TokenBatch
 from up2.utils.distributed import gather_with_grad
@@ -45,7 +45,7 @@ class TargetEmbeddings:
     aux_loss: Optional[torch.Tensor] = None
 
 
-def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: torch.Tensor, family: TaskFamily,
+def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: torch.Tensor, inputs: AbstractSet[Modality],
                    chunk: Optional[int] = None) -> TargetEmbeddings:
     """Targets through g, read at [SPE] (paper Eq. 6): the one place targets are encoded.
 
@@ -53,9 +53,10 @@ def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: tor
         decoder: the unified decoder g.
         features: (C, T, d) float token features of the C targets (from ``f_text``).
         padding_mask: (C, T) bool, True on padding.
-        family: the task family (part of the tokens' MoE routing attributes: text, target,
-            bidirectional).
-        chunk: targets per pass through g (None = all at once); the result does not depend on it.
+        inputs: the modalities of the task's input x (with text, target, bidirectional: the
+            tokens' MoE routing attributes).
+        chunk: targets per pass through g (None = all at once); the result does not depend on it
+            (except that in training each pass draws its own MoE gate noise).
 
     Returns:
         TargetEmbeddings: (C, d) embeddings and the summed MoE balance loss of the passes.
@@ -70,7 +71,7 @@ def encode_targets(decoder: nn.Module, features: torch.Tensor, padding_mask: tor
     for start in range(0, features.shape[0], chunk):
         feats, pad = features[start : start + chunk], padding_mask[start : start + chunk]
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.TARGET,
-                                         attention=TokenAttention.BIDIRECTIONAL, task=family,
+                                         attention=TokenAttention.BIDIRECTIONAL, inputs=inputs,
                                          device=feats.device, dtype=feats.dtype)
         out = decoder(TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes), read=(SPE,))
         outs.append(out.spe)
@@ -87,7 +88,7 @@ def _world() -> Tuple[int, int]:
 
 
 def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, family: TaskFamily, chunk: int, recompute: bool = False,
+                        attention_mask: torch.Tensor, inputs: AbstractSet[Modality], chunk: int, recompute: bool = False,
                         shard: bool = False) -> TargetEmbeddings:
     """A fixed set of tokenized texts as targets: g(f_text(y)) at [SPE] (paper §4.2, Eq. 6),
     ``chunk`` texts per pass through f_text and g (:func:`encode_targets`). Two memory savers for
@@ -96,7 +97,8 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
 
     * ``recompute``: activation checkpointing per chunk. Only the chunk's ids and its (chunk, d)
       embeddings are kept for the backward pass; the text encoder's and g's activations are
-      recomputed there (one more forward of the target set per step).
+      recomputed there (one more forward of the target set per step; checkpointing replays
+      the RNG, so a recomputed pass draws the same MoE gate noise).
     * ``shard``: in a distributed run, rank r encodes the r-th of G equal slices of the set (the
       last padded by repeating its final row) and the embeddings are gathered from every rank
       with gradient (``up2.utils.distributed.gather_with_grad``, whose backward sums each slice's
@@ -108,7 +110,7 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
         text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
         decoder: the unified decoder g.
         input_ids: (C, T) int64 token ids. attention_mask: (C, T) int64 or bool, 1 = token.
-        family: the task family (MoE routing attributes of the targets).
+        inputs: the modalities of the task's input x (MoE routing attribute of the targets).
         chunk: texts per pass through f_text and g (>= 1).
         recompute: checkpoint each chunk (use it when gradients are needed).
         shard: split the set across the ranks of the default process group.
@@ -134,7 +136,7 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
         ids, mask = ids[rows], mask[rows]
 
     def run(part_ids: torch.Tensor, part_mask: torch.Tensor):
-        emb = encode_targets(decoder, *text_encoder(part_ids, part_mask), family)
+        emb = encode_targets(decoder, *text_encoder(part_ids, part_mask), inputs)
         return emb.embeddings, emb.aux_loss
 
     outs, aux = [], []
@@ -150,7 +152,8 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
     return TargetEmbeddings(embeddings, torch.stack(aux).sum() if aux else None)
 
 
-def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor, family: TaskFamily,
+def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor,
+                      inputs: AbstractSet[Modality],
                       chunk: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
     """Vocabulary tokens as targets: g(f_text(v)) at [SPE] for every token v (paper §4.2, Eq. 6).
 
@@ -162,7 +165,7 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
         text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
         decoder: the unified decoder g.
         token_ids: (V,) int64 vocabulary ids.
-        family, chunk, recompute, shard: as :func:`encode_text_targets`.
+        inputs, chunk, recompute, shard: as :func:`encode_text_targets`.
 
     Returns:
         TargetEmbeddings: (V, d) embeddings, rows in the order of ``token_ids``, and the MoE
@@ -175,7 +178,7 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
         raise ValueError(f"encode_vocabulary: expected a non-empty (V,) id tensor, got shape {tuple(token_ids.shape)}")
     if chunk < 1:
         raise ValueError(f"encode_vocabulary: chunk must be >= 1, got {chunk}")
-    return encode_text_targets(text_encoder, decoder, *text_encoder.frame_single_tokens(token_ids), family,
+    return encode_text_targets(text_encoder, decoder, *text_encoder.frame_single_tokens(token_ids), inputs,
                                chunk=chunk, recompute=recompute, shard=shard)
 
 
@@ -183,7 +186,7 @@ class TargetCache:
     """Target embeddings of a model prepared for inference (``up2.modeling.inference``).
 
     ``get(key, params, compute)`` returns the cached (C, d) tensor when the same key (e.g. texts,
-    task family, precision) was embedded with the same weights (same parameter identities and
+    input modalities, precision) was embedded with the same weights (same parameter identities and
     version counters); otherwise it calls ``compute()`` and stores its result, detached.
     """
 

@@ -1,29 +1,33 @@
-"""Per-token routing attributes for the conditional MoE (paper §4.3; Uni-Perceiver-MoE).
+"""Per-token routing attributes for the conditional MoE (paper §4.3, §5.2; Uni-Perceiver-MoE,
+arXiv 2206.04674, attribute-level routing).
 
 Shape shorthand: B sequences, T tokens, A = ``ATTRIBUTE_DIM`` attribute width.
 
-A token's attributes say what KIND of token it is, never what it contains: its modality
-(image / text), its role (part of the input x or of a target y), how it attends
-(bidirectionally or causally) and the task family of the batch. The conditional MoE gate
-sees only this vector, so tokens with equal attributes are routed to the same experts.
+A token's attributes say what KIND of token it is, never what it contains and never which task
+it belongs to: its modality (image / text), its role (part of the input x or of a target y),
+how it attends (bidirectionally or causally) and which modalities the task's INPUT x has (e.g.
+image only for classification and detection, text only for masked LM, image and text for
+captioning). The conditional MoE gate sees only this vector, so tokens with equal attributes
+are routed to the same experts, and two tasks whose tokens have equal attributes share routing.
 
-The encoding is the concatenation of four one-hot blocks, in this order::
+The encoding is the concatenation of three one-hot blocks and one multi-hot block::
 
-    [ modality (2) | role (2) | attention (2) | task family (5) ]   -> A = 11
+    [ modality (2) | role (2) | attention (2) | task input modalities (2, multi-hot) ]  -> A = 8
 
-Typical use in a task's ``build_inputs``::
+Typical use in a task's ``build_inputs`` (captioning: the task's input is image + text)::
 
+    inputs = input_modalities(Modality.IMAGE, Modality.TEXT)
     image = constant_attributes(B, T_img, modality=Modality.IMAGE, role=Role.INPUT,
-                                attention=TokenAttention.BIDIRECTIONAL, task=TaskFamily.CAPTIONING)
+                                attention=TokenAttention.BIDIRECTIONAL, inputs=inputs)
     text = constant_attributes(B, T_txt, modality=Modality.TEXT, role=Role.INPUT,
-                               attention=TokenAttention.CAUSAL, task=TaskFamily.CAPTIONING)
+                               attention=TokenAttention.CAUSAL, inputs=inputs)
     TokenBatch(..., attributes=concat_attributes([image, text]))
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional, Sequence, Union
+from typing import FrozenSet, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -33,8 +37,9 @@ __all__ = [
     "Modality",
     "Role",
     "TokenAttention",
-    "TaskFamily",
     "TokenAttributes",
+    "input_modalities",
+    "input_modalities_key",
     "ATTRIBUTE_DIM",
     "encode_attributes",
     "constant_attributes",
@@ -56,19 +61,37 @@ class Role(Enum):
     TARGET = "target"
 
 
-class TaskFamily(Enum):
-    """The family of task a batch belongs to (paper §4.3, Conditional MoE routing)."""
+def input_modalities(*modalities: Modality) -> FrozenSet[Modality]:
+    """The modalities of a task's input x, e.g. ``input_modalities(Modality.IMAGE, Modality.TEXT)``.
 
-    LOCALIZATION = "localization"  # detection, instance segmentation
-    CLASSIFICATION = "classification"
-    RETRIEVAL = "retrieval"
-    CAPTIONING = "captioning"
-    MLM = "mlm"  # masked language modelling
+    Raises:
+        ValueError: no modality given.
+        TypeError: an argument is not a ``Modality``.
+    """
+    return _check_inputs(modalities)
 
 
-_BLOCKS = (Modality, Role, TokenAttention, TaskFamily)
-_FIELDS = ("modality", "role", "attention", "task")
-ATTRIBUTE_DIM = sum(len(block) for block in _BLOCKS)  # A: width of the one-hot attribute vector
+def _check_inputs(inputs: Iterable[Modality]) -> FrozenSet[Modality]:
+    if isinstance(inputs, (Enum, str)) or not isinstance(inputs, Iterable):
+        raise TypeError(f"attribute 'inputs': expected a collection of Modality members, got {inputs!r}")
+    inputs = frozenset(inputs)
+    for m in inputs:
+        if not isinstance(m, Modality):
+            raise TypeError(f"attribute 'inputs': expected Modality members, got {m!r}")
+    if not inputs:
+        raise ValueError("attribute 'inputs': a task's input has at least one modality, got none")
+    return inputs
+
+
+def input_modalities_key(inputs: Iterable[Modality]) -> str:
+    """A stable string for a set of input modalities (cache keys): e.g. ``"image+text"``."""
+    inputs = _check_inputs(inputs)
+    return "+".join(m.value for m in Modality if m in inputs)
+
+
+_BLOCKS = (Modality, Role, TokenAttention)  # one-hot blocks; then the multi-hot task input modalities
+_FIELDS = ("modality", "role", "attention")
+ATTRIBUTE_DIM = sum(len(block) for block in _BLOCKS) + len(Modality)  # A: width of the attribute vector
 
 
 def _index(member: Enum, block: type) -> int:
@@ -79,20 +102,24 @@ def _index(member: Enum, block: type) -> int:
 
 @dataclass(frozen=True)
 class TokenAttributes:
-    """The attributes of one kind of token; ``encode()`` gives its (A,) one-hot vector."""
+    """The attributes of one kind of token; ``encode()`` gives its (A,) vector.
+
+    ``inputs`` is the set of modalities of the task's input x (``input_modalities(...)``).
+    """
 
     modality: Modality
     role: Role
     attention: TokenAttention
-    task: TaskFamily
+    inputs: FrozenSet[Modality]
 
     def encode(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(A,) ``dtype`` tensor: the four one-hot blocks concatenated.
+        """(A,) ``dtype`` tensor: the three one-hot blocks and the multi-hot input modalities.
 
         Raises:
-            TypeError: a field is not a member of its Enum.
+            TypeError: a field is not a member of its Enum (``inputs``: not Modality members).
+            ValueError: ``inputs`` is empty.
         """
-        return encode_attributes(self.modality, self.role, self.attention, self.task, device=device, dtype=dtype)
+        return encode_attributes(self.modality, self.role, self.attention, self.inputs, device=device, dtype=dtype)
 
 
 AttributeField = Union[Enum, torch.Tensor]
@@ -102,32 +129,37 @@ def encode_attributes(
     modality: AttributeField,
     role: AttributeField,
     attention: AttributeField,
-    task: AttributeField,
+    inputs: Iterable[Modality],
     *,
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One-hot encode token attributes.
+    """Encode token attributes.
 
-    Each field is either an Enum member (same value for every token) or an int64 tensor of
-    member indices (position in the Enum's definition order, e.g. ``list(Modality).index(m)``).
-    Tensors broadcast against each other.
+    ``modality``, ``role`` and ``attention`` are each either an Enum member (same value for
+    every token) or an int64 tensor of member indices (position in the Enum's definition order,
+    e.g. ``list(Modality).index(m)``); tensors broadcast against each other. ``inputs``, the
+    modalities of the task's input, is the same for every token of a call.
 
     Args:
-        modality / role / attention / task: a ``Modality`` / ``Role`` / ``TokenAttention`` /
-            ``TaskFamily`` member, or an integer tensor of shape (...) with indices into it.
+        modality / role / attention: a ``Modality`` / ``Role`` / ``TokenAttention`` member, or an
+            integer tensor of shape (...) with indices into it.
+        inputs: a non-empty collection of ``Modality`` members (``input_modalities(...)``).
         device: device of the result when no field is a tensor (else the tensors' device).
         dtype: floating dtype of the result.
 
     Returns:
-        (..., A) ``dtype`` tensor with exactly one 1 in each of the four blocks; (...) is the
-        broadcast shape of the tensor fields, () when all fields are Enum members.
+        (..., A) ``dtype`` tensor with exactly one 1 in each of the three one-hot blocks and a 1
+        for each input modality in the last block; (...) is the broadcast shape of the tensor
+        fields, () when all fields are Enum members.
 
     Raises:
-        TypeError: a field is neither a member of its Enum nor an integer tensor.
-        ValueError: an index tensor holds a value outside [0, len(Enum)).
+        TypeError: a field is neither a member of its Enum nor an integer tensor, or ``inputs``
+            holds something other than ``Modality`` members.
+        ValueError: an index tensor holds a value outside [0, len(Enum)), or ``inputs`` is empty.
     """
-    values = (modality, role, attention, task)
+    inputs = _check_inputs(inputs)
+    values = (modality, role, attention)
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if tensors:
         device = tensors[0].device
@@ -146,6 +178,8 @@ def encode_attributes(
             indices.append(torch.tensor(_index(value, block), device=device))
     indices = torch.broadcast_tensors(*indices)
     parts = [torch.nn.functional.one_hot(idx, len(block)) for idx, block in zip(indices, _BLOCKS)]
+    multi_hot = torch.tensor([m in inputs for m in Modality], device=device, dtype=parts[0].dtype)
+    parts.append(multi_hot.expand(*indices[0].shape, len(Modality)))
     return torch.cat(parts, dim=-1).to(dtype)
 
 
@@ -156,22 +190,23 @@ def constant_attributes(
     modality: Modality,
     role: Role,
     attention: TokenAttention,
-    task: TaskFamily,
+    inputs: Iterable[Modality],
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The same attributes for every token of a (B, T) block.
+    """The same attributes for every token of a (B, T) block (``inputs``: the modalities of the
+    task's input, see ``encode_attributes``).
 
     Returns:
         (B, T, A) ``dtype`` tensor (contiguous) on ``device``.
 
     Raises:
-        ValueError: negative ``batch_size`` or ``length``.
+        ValueError: negative ``batch_size`` or ``length``, or empty ``inputs``.
         TypeError: a field is not a member of its Enum.
     """
     if batch_size < 0 or length < 0:
         raise ValueError(f"constant_attributes: batch_size and length must be >= 0, got {batch_size}, {length}")
-    vector = TokenAttributes(modality, role, attention, task).encode(device=device, dtype=dtype)
+    vector = TokenAttributes(modality, role, attention, _check_inputs(inputs)).encode(device=device, dtype=dtype)
     return vector.expand(batch_size, length, ATTRIBUTE_DIM).contiguous()
 
 

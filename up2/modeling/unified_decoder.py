@@ -140,6 +140,7 @@ def _moe_factory(g) -> Optional[Callable[[], nn.Module]]:
         attribute_dim=ATTRIBUTE_DIM,
         dropout=g.DROPOUT,
         balance_loss_weight=moe.get("BALANCE_LOSS_WEIGHT", 0.0),
+        noise_std=moe.get("NOISE_STD", 1.0),
     )
 
 

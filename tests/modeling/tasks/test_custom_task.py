@@ -13,8 +13,8 @@ from detectron2.evaluation import DatasetEvaluator
 from conftest import add_task, seed_everything, tiny_cfg
 from up2.engine import UP2Trainer
 from up2.modeling.tasks.base import TASK_REGISTRY, register_task
-from up2.modeling.tasks.task import Task, TaskInputs
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
+from up2.modeling.token_attributes import Modality, input_modalities
 from up2.modeling.decoder_outputs import SPE
 
 COUNT_NAMES = ("no shape", "one shape", "two shapes", "three shapes", "four shapes", "five shapes")
@@ -59,15 +59,16 @@ class CountShapesTask(Task):
     """How many shapes: the image at [SPE] against the texts "no shape" ... "five shapes"."""
 
     family = TaskFamily.CLASSIFICATION
+    input_modalities = input_modalities(Modality.IMAGE)
     reads = (SPE,)
     test_batch_size = 3
     evaluators = []
 
     def encode_inputs(self, model, batched_inputs):
-        return TaskInputs(batch=model.encode_image(batched_inputs, self.family).tokens.batch)
+        return TaskInputs(batch=model.encode_image(batched_inputs, self.input_modalities).tokens.batch)
 
     def encode_targets(self, model, batched_inputs, inputs, **options):
-        return model.embed_texts(COUNT_NAMES, self.family)
+        return model.embed_texts(COUNT_NAMES, self.input_modalities)
 
     def losses(self, model, outputs, targets, inputs, batched_inputs):
         logits = model.likelihood(outputs.spe, targets.embeddings)

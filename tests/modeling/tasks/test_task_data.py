@@ -114,7 +114,9 @@ def test_vocabulary_cache_keys_on_the_exact_ids(shapes_datasets):
 
     from up2.modeling.tasks import resolve_task_data
     from up2.modeling.tasks.vocabulary import VocabularyTargets
-    from up2.modeling.token_attributes import TaskFamily
+    from up2.modeling.token_attributes import Modality, input_modalities
+
+    captioning = input_modalities(Modality.IMAGE, Modality.TEXT)
 
     torch.manual_seed(0)
     cfg = tiny_cfg("captioning", "test_shapes_caption_train", "test_shapes_caption_val")
@@ -125,10 +127,10 @@ def test_vocabulary_cache_keys_on_the_exact_ids(shapes_datasets):
     a_ids, b_ids = torch.tensor([1001, 1004, 1006]), torch.tensor([1002, 1003, 1006])
     assert (len(a_ids), int(a_ids.sum()), int(a_ids[-1])) == (len(b_ids), int(b_ids.sum()), int(b_ids[-1]))
     with torch.no_grad():
-        a = VocabularyTargets(a_ids).embed(model, TaskFamily.CAPTIONING).embeddings
-        b = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING).embeddings  # a's entry if keyed loosely
+        a = VocabularyTargets(a_ids).embed(model, captioning).embeddings
+        b = VocabularyTargets(b_ids).embed(model, captioning).embeddings  # a's entry if keyed loosely
         model.target_cache.clear()
-        b_fresh = VocabularyTargets(b_ids).embed(model, TaskFamily.CAPTIONING).embeddings
+        b_fresh = VocabularyTargets(b_ids).embed(model, captioning).embeddings
     torch.testing.assert_close(b, b_fresh)
     assert (a[:2] - b[:2]).abs().max() > 1e-3  # other tokens, other embeddings
 

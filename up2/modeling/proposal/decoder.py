@@ -30,6 +30,7 @@ Pipeline:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -148,7 +149,7 @@ class ProposalDecoder(nn.Module):
 
     def _reset_parameters(self) -> None:
         # DINO: objectness bias for a 1% prior, box deltas start at zero.
-        prior = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()
+        prior = -math.log((1 - 0.01) / 0.01)
         for head in (self.objectness_head, self.enc_objectness):
             nn.init.constant_(head.bias, prior)
         for mlp in (self.box_head, self.enc_box):

@@ -22,9 +22,9 @@ from up2.evaluation import CaptioningEvaluator
 from up2.modeling.beam_search import beam_search, check_beam_int
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
-from up2.modeling.tasks.task import Task, TaskInputs
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
 from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes, input_modalities
 from up2.structures import TokenBatch
 
 __all__ = ["CaptioningTask", "TEXT_SEGMENT"]
@@ -41,6 +41,7 @@ class CaptioningTask(Task):
     per image: {"caption": str, "caption_ids": (t,) int64 token ids without specials}."""
 
     family = TaskFamily.CAPTIONING
+    input_modalities = input_modalities(Modality.IMAGE, Modality.TEXT)
     reads = (TEXT_SEGMENT,)
     options = ("beam_size", "max_length", "length_penalty")
     has_vocabulary = True
@@ -59,7 +60,7 @@ class CaptioningTask(Task):
         B, Ti = image_batch.padding_mask.shape
         T = text_pad.shape[1]
         text_attr = constant_attributes(B, T, modality=Modality.TEXT, role=Role.INPUT, attention=TokenAttention.CAUSAL,
-                                        task=self.family, device=text_feats.device, dtype=text_feats.dtype)
+                                        inputs=self.input_modalities, device=text_feats.device, dtype=text_feats.dtype)
         return TokenBatch(
             tokens=torch.cat([image_batch.tokens, text_feats.to(image_batch.tokens.dtype)], dim=1),
             padding_mask=torch.cat([image_batch.padding_mask, text_pad], dim=1),
@@ -74,7 +75,7 @@ class CaptioningTask(Task):
         (B, T-1) the next tokens; inference: the image tokens (``predict`` decodes).
 
         Raises: KeyError for a training input without "caption"; ValueError for an empty caption."""
-        enc = model.encode_image(batched_inputs, self.family)
+        enc = model.encode_image(batched_inputs, self.input_modalities)
         if not model.training:
             return TaskInputs(batch=enc.tokens.batch, image=enc)
         captions = []
@@ -92,7 +93,7 @@ class CaptioningTask(Task):
         return TaskInputs(batch=seq, image=enc, labels=labels)
 
     def encode_targets(self, model, batched_inputs, inputs, **options) -> TargetEmbeddings:
-        return self.vocabulary(model.text_encoder).embed(model, self.family)  # (V, d)
+        return self.vocabulary(model.text_encoder).embed(model, self.input_modalities)  # (V, d)
 
     def losses(self, model, outputs, targets, inputs, batched_inputs):
         logits = model.likelihood(outputs[TEXT_SEGMENT], targets.embeddings)  # (B, T-1, V)
@@ -144,7 +145,7 @@ class CaptioningTask(Task):
         g = model.unified_decoder
         dtype = image_batch.tokens.dtype
         text_attr = constant_attributes(N * K, 1, modality=Modality.TEXT, role=Role.INPUT,
-                                        attention=TokenAttention.CAUSAL, task=self.family, device=model.device,
+                                        attention=TokenAttention.CAUSAL, inputs=self.input_modalities, device=model.device,
                                         dtype=dtype).to(image_batch.attributes.dtype)
         positions = vocab.index_of(torch.tensor([sp.sep, sp.pad], device=model.device), te).tolist()  # once
         ends = [i for i in positions if i >= 0]

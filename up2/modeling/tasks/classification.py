@@ -14,8 +14,8 @@ import torch
 from up2.data.mappers import ClassificationDatasetMapper
 from up2.evaluation import ClassificationEvaluator
 from up2.modeling.tasks.base import register_task
-from up2.modeling.tasks.task import Task, TaskInputs
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
+from up2.modeling.token_attributes import Modality, input_modalities
 from up2.modeling.decoder_outputs import SPE
 
 __all__ = ["ClassificationTask"]
@@ -29,12 +29,13 @@ class ClassificationTask(Task):
     float32 probabilities, "pred_class": int}."""
 
     family = TaskFamily.CLASSIFICATION
+    input_modalities = input_modalities(Modality.IMAGE)
     reads = (SPE,)
     options = ("class_names",)
     needs_class_names = True
 
     def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
-        enc = model.encode_image(batched_inputs, self.family)
+        enc = model.encode_image(batched_inputs, self.input_modalities)
         return TaskInputs(batch=enc.tokens.batch, image=enc)
 
     def encode_targets(self, model, batched_inputs, inputs, class_names: Optional[Sequence[str]] = None):

@@ -23,8 +23,8 @@ from up2.data.mappers import DetectionDatasetMapper
 from up2.layers.paste_masks import paste_masks
 from up2.modeling.image_encoder import REGIONAL_SEGMENT, gather_proposals
 from up2.modeling.tasks.base import register_task
-from up2.modeling.tasks.task import Task, TaskInputs
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
+from up2.modeling.token_attributes import Modality, input_modalities
 from up2.structures import ProposalTargets
 
 __all__ = ["DetectionTask", "InstanceSegmentationTask", "instances_to_targets"]
@@ -76,6 +76,7 @@ class DetectionTask(Task):
 
     with_masks = False
     family = TaskFamily.LOCALIZATION
+    input_modalities = input_modalities(Modality.IMAGE)
     reads = (REGIONAL_SEGMENT,)
     options = ("class_names",)
     localization = True
@@ -84,7 +85,7 @@ class DetectionTask(Task):
 
     def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
         enc = model.encode_image(
-            batched_inputs, self.family, lambda images: instances_to_targets(batched_inputs, images, self.with_masks)
+            batched_inputs, self.input_modalities, lambda images: instances_to_targets(batched_inputs, images, self.with_masks)
         )
         return TaskInputs(batch=enc.tokens.batch, image=enc, losses=dict(enc.proposal_losses))
 

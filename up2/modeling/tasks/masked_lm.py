@@ -19,9 +19,9 @@ from up2.evaluation import MaskedLMEvaluator
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.captioning import TEXT_SEGMENT
-from up2.modeling.tasks.task import Task, TaskInputs
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
 from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
-from up2.modeling.token_attributes import Modality, Role, TaskFamily, TokenAttention, constant_attributes
+from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes, input_modalities
 from up2.structures import TokenBatch
 
 __all__ = ["MaskedLMTask", "mask_tokens"]
@@ -70,6 +70,7 @@ class MaskedLMTask(Task):
     "mlm_labels": (T,) int64}."""
 
     family = TaskFamily.MLM
+    input_modalities = input_modalities(Modality.TEXT)
     reads = (TEXT_SEGMENT,)
     has_vocabulary = True
     mask_prob = 0.15
@@ -106,14 +107,14 @@ class MaskedLMTask(Task):
         masked, labels = mask_tokens(ids, maskable, sp.mask, pool, self.mask_prob, generator)
         feats, pad = te(masked, keep.long())
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.INPUT,
-                                         attention=TokenAttention.BIDIRECTIONAL, task=self.family,
+                                         attention=TokenAttention.BIDIRECTIONAL, inputs=self.input_modalities,
                                          device=feats.device, dtype=feats.dtype)
         batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes,
                            segments={TEXT_SEGMENT: slice(0, pad.shape[1])})
         return TaskInputs(batch=batch, labels=labels)
 
     def encode_targets(self, model, batched_inputs, inputs, **options) -> TargetEmbeddings:
-        return self.vocabulary(model.text_encoder).embed(model, self.family)  # (V, d)
+        return self.vocabulary(model.text_encoder).embed(model, self.input_modalities)  # (V, d)
 
     def losses(self, model, outputs, targets, inputs, batched_inputs):
         chosen = inputs.labels != IGNORE

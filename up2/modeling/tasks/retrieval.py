@@ -19,8 +19,8 @@ from up2.data.mappers import ImageTextDatasetMapper
 from up2.evaluation import RetrievalEvaluator
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
-from up2.modeling.tasks.task import Task, TaskInputs
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
+from up2.modeling.token_attributes import Modality, input_modalities
 from up2.modeling.decoder_outputs import SPE
 from up2.utils.distributed import gather_with_grad
 
@@ -68,10 +68,11 @@ class RetrievalTask(Task):
     "text_embeddings": (n_i, d)} for ``up2.evaluation.RetrievalEvaluator``."""
 
     family = TaskFamily.RETRIEVAL
+    input_modalities = input_modalities(Modality.IMAGE)  # the captions are the targets
     reads = (SPE,)
 
     def encode_inputs(self, model, batched_inputs: Sequence[dict]) -> TaskInputs:
-        enc = model.encode_image(batched_inputs, self.family)
+        enc = model.encode_image(batched_inputs, self.input_modalities)
         return TaskInputs(batch=enc.tokens.batch, image=enc)
 
     def encode_targets(self, model, batched_inputs, inputs) -> TargetEmbeddings:
@@ -84,7 +85,7 @@ class RetrievalTask(Task):
 
     def embed_texts(self, model, texts: Sequence[str]) -> TargetEmbeddings:
         """Texts as retrieval targets: (J, d) features at [SPE], not normalised."""
-        return model.embed_texts(texts, self.family, cache=False)
+        return model.embed_texts(texts, self.input_modalities, cache=False)
 
     def embed_images(self, model, batched_inputs: Sequence[dict]) -> torch.Tensor:
         """(N, d) image features at [SPE], not normalised (``GeneralistPredictor.retrieve``)."""

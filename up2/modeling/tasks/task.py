@@ -12,17 +12,30 @@ Adding a task adds one file: subclass :class:`Task`, decorate it with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from enum import Enum
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from up2.modeling.decoder_outputs import DecoderOutput
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import TaskSpec, check_class_names
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.token_attributes import Modality
 from up2.structures import TokenBatch
 
-__all__ = ["Task", "TaskInputs"]
+__all__ = ["Task", "TaskFamily", "TaskInputs"]
+
+
+class TaskFamily(Enum):
+    """The kind of a task type (the predictor and the benchmarks pick tasks by it). It is NOT a
+    MoE routing attribute: routing sees the modalities of the task's input (``Task.input_modalities``),
+    never the task (paper §4.3; Uni-Perceiver-MoE attribute routing)."""
+
+    LOCALIZATION = "localization"  # detection, instance segmentation
+    CLASSIFICATION = "classification"
+    RETRIEVAL = "retrieval"
+    CAPTIONING = "captioning"
+    MLM = "mlm"  # masked language modelling
 
 
 @dataclass
@@ -49,7 +62,9 @@ class Task:
     :meth:`build_mapper` and :meth:`build_evaluator`.
 
     Class attributes:
-        family: the task family (MoE routing attribute of every token of the task).
+        family: the kind of task (``TaskFamily``; the predictor picks tasks by it).
+        input_modalities: the modalities of the task's input x (``token_attributes.input_modalities``),
+            a MoE routing attribute of every token of the task, its targets' included.
         reads: the segments of g's output the task reads (``unified_decoder.SPE`` and the token
             batch's segment names).
         options: keyword options ``model(inputs, task=..., **options)`` accepts at inference.
@@ -64,6 +79,7 @@ class Task:
     """
 
     family: TaskFamily
+    input_modalities: FrozenSet[Modality]
     reads: Tuple[str, ...] = ()
     options: Tuple[str, ...] = ()
     localization = False
@@ -101,7 +117,7 @@ class Task:
         names = self.spec.class_names if class_names is None else check_class_names(class_names)
         if len(names) == 0:
             raise ValueError("class_names is empty: give at least one class name")
-        return model.embed_texts(names, self.family)
+        return model.embed_texts(names, self.input_modalities)
 
     def losses(self, model, outputs: DecoderOutput, targets: TargetEmbeddings, inputs: TaskInputs,
                batched_inputs: Sequence[dict]) -> Dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ config and the checkpoint, so inference never reads the training texts.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Tuple
+from typing import AbstractSet, Any, Iterable, Optional, Tuple
 
 import torch
 
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.text_encoder import special_token_ids
-from up2.modeling.token_attributes import TaskFamily
+from up2.modeling.token_attributes import Modality
 
 __all__ = ["VocabularyTargets", "vocabulary_ids_of_texts"]
 
@@ -94,7 +94,7 @@ class VocabularyTargets:
         out[valid] = self._lookup[token_ids[valid]]
         return out
 
-    def embed(self, model, family: TaskFamily) -> TargetEmbeddings:
+    def embed(self, model, inputs: AbstractSet[Modality]) -> TargetEmbeddings:
         """(V, d) target embeddings (``UniPerceiverV2.embed_tokens_as_targets``)."""
         ids = self.resolve(model.text_encoder)
-        return model.embed_tokens_as_targets(ids, family, self._key or ("full", len(ids)))
+        return model.embed_tokens_as_targets(ids, inputs, self._key or ("full", len(ids)))
