@@ -90,7 +90,7 @@ def add_up2_config(cfg: CN) -> None:
     # training step (up2.modeling.target_set.encode_text_targets); docs/paper_scale.md measures
     # these settings. The captions of a retrieval batch are per-rank activations, not a set.
     TS = cfg.MODEL.TARGET_SETS = CN()
-    TS.CHUNK_SIZE = 1024  # targets per pass through f_text and g
+    TS.CHUNK_TOKENS = 2048  # text tokens (targets x their length) per pass through f_text and g
     TS.RECOMPUTE = True  # training: keep only each chunk's embeddings, recompute its activations in backward
     TS.SHARD = True  # training: each of G ranks encodes 1/G of the set (only with unmixed task sampling)
 

@@ -21,11 +21,9 @@ merged FFN each token actually runs would give 278.3M (-9.7%).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 from typing import Dict, Tuple
-from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,18 +43,6 @@ def write_roberta_base_config(folder: str) -> None:
     RobertaConfig().save_pretrained(folder)
 
 
-@contextlib.contextmanager
-def _text_models_from_config():
-    """``AutoModel.from_pretrained`` builds the model from its config only (for the meta device)."""
-    from transformers import AutoConfig, AutoModel
-
-    def from_config(source, **kwargs):
-        return AutoModel.from_config(AutoConfig.from_pretrained(source, local_files_only=True))
-
-    with mock.patch.object(AutoModel, "from_pretrained", from_config):
-        yield
-
-
 def build_meta_model(config_path: str, text_folder: str):
     """The model of ``config_path`` on the meta device, text encoder from ``text_folder``'s config."""
     import torch
@@ -71,9 +57,12 @@ def build_meta_model(config_path: str, text_folder: str):
     add_up2_config(cfg)
     cfg.merge_from_file(config_path)
     cfg.MODEL.TEXT_ENCODER.NAME = text_folder
+    cfg.MODEL.TEXT_ENCODER.RANDOM_INIT = True  # the architecture from the folder's config, no weight file
+    cfg.MODEL.WEIGHTS = ""  # nothing is loaded: the configs' pretrained backbones are not needed to count
+    cfg.MODEL.BACKBONE.RANDOM_INIT = True
     cfg.MODEL.DEVICE = "meta"
     cfg = resolve_task_data(cfg)  # class names from the datasets' metadata (no files are read)
-    with torch.device("meta"), _text_models_from_config():
+    with torch.device("meta"):
         return build_model(cfg)
 
 

@@ -53,12 +53,12 @@ def test_vocabulary_is_encoded_by_the_full_text_encoder():
     te, g = _modules()
     ids = torch.tensor(IDS)
     with torch.no_grad():
-        got = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk=3).embeddings
+        got = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk_tokens=9).embeddings
         torch.testing.assert_close(got, _reference(te, g, IDS), rtol=1e-4, atol=1e-5)
         # a weight of the encoder's last transformer layer (not the embedding layer) changes them
         layer = te.model.encoder.layer[-1].output.dense
         layer.weight.add_(0.05 * torch.randn_like(layer.weight))
-        changed = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk=3).embeddings
+        changed = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk_tokens=9).embeddings
     assert (changed - got).abs().max() > 1e-3
 
 
@@ -70,7 +70,7 @@ def test_recompute_and_chunks_give_the_same_values_and_gradients(moe):
     params = [p for p in (*te.parameters(), *g.parameters()) if p.requires_grad]
 
     def run(chunk, recompute):
-        out = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk=chunk, recompute=recompute)
+        out = encode_vocabulary(te, g, ids, CAPTIONING_INPUTS, chunk_tokens=3 * chunk, recompute=recompute)
         loss = (out.embeddings * proj).sum() + (out.aux_loss if out.aux_loss is not None else 0.0)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return out.embeddings.detach(), grads
@@ -107,8 +107,8 @@ def _saved_bytes(fn) -> int:
 def test_recompute_keeps_a_fraction_of_the_activations():
     te, g = _modules()
     ids = torch.arange(40, 104)  # 64 tokens, 4 chunks
-    plain = _saved_bytes(lambda: encode_vocabulary(te, g, ids, MLM_INPUTS, chunk=16, recompute=False))
-    kept = _saved_bytes(lambda: encode_vocabulary(te, g, ids, MLM_INPUTS, chunk=16, recompute=True))
+    plain = _saved_bytes(lambda: encode_vocabulary(te, g, ids, MLM_INPUTS, chunk_tokens=48, recompute=False))
+    kept = _saved_bytes(lambda: encode_vocabulary(te, g, ids, MLM_INPUTS, chunk_tokens=48, recompute=True))
     assert plain > 0
     assert kept < plain / 20, (kept, plain)
 
@@ -128,7 +128,7 @@ def test_class_names_in_recomputed_chunks_match_one_pass():
 
     ref, ref_grads = grads_of(lambda: encode_targets(g, *te.encode(names), CLS_INPUTS).embeddings)
     got, got_grads = grads_of(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
-                                                          CLS_INPUTS, chunk=2,
+                                                          CLS_INPUTS, chunk_tokens=2 * batch["input_ids"].shape[1],
                                                           recompute=True).embeddings)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(got_grads, ref_grads):
@@ -138,20 +138,20 @@ def test_class_names_in_recomputed_chunks_match_one_pass():
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     plain = _saved_bytes(lambda: encode_targets(g, *te.encode(names), CLS_INPUTS))
     kept = _saved_bytes(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
-                                                    CLS_INPUTS, chunk=2, recompute=True))
+                                                    CLS_INPUTS, chunk_tokens=2 * batch["input_ids"].shape[1], recompute=True))
     assert kept < plain / 20, (kept, plain)
 
 
 def test_bad_vocabulary_arguments_are_refused():
     te, g = _modules()
     with pytest.raises(ValueError, match="non-empty"):
-        encode_vocabulary(te, g, torch.zeros(0, dtype=torch.long), MLM_INPUTS, chunk=4)
+        encode_vocabulary(te, g, torch.zeros(0, dtype=torch.long), MLM_INPUTS, chunk_tokens=12)
     with pytest.raises(ValueError, match="chunk"):
-        encode_vocabulary(te, g, torch.tensor([3]), MLM_INPUTS, chunk=0)
+        encode_vocabulary(te, g, torch.tensor([3]), MLM_INPUTS, chunk_tokens=0)
     with pytest.raises(ValueError, match="input_ids must lie"):
-        encode_vocabulary(te, g, torch.tensor([10**9]), MLM_INPUTS, chunk=4)
+        encode_vocabulary(te, g, torch.tensor([10**9]), MLM_INPUTS, chunk_tokens=12)
     with pytest.raises(ValueError, match="same shape"):
-        encode_text_targets(te, g, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4), MLM_INPUTS, chunk=4)
+        encode_text_targets(te, g, torch.ones(2, 3, dtype=torch.long), torch.ones(2, 4), MLM_INPUTS, chunk_tokens=12)
 
 
 def _loss_and_grads(te, g, emb, rank):
@@ -165,7 +165,7 @@ def _shard_worker(rank, out_dir):
     import torch.distributed as dist
 
     te, g = _modules()
-    emb = encode_vocabulary(te, g, torch.tensor(IDS), CAPTIONING_INPUTS, chunk=2, recompute=True,
+    emb = encode_vocabulary(te, g, torch.tensor(IDS), CAPTIONING_INPUTS, chunk_tokens=6, recompute=True,
                             shard=True).embeddings
     grads = _loss_and_grads(te, g, emb, rank)
     grads = [torch.zeros(()) if x is None else x.clone() for x in grads]
@@ -178,7 +178,7 @@ def _shard_worker(rank, out_dir):
 def test_sharded_vocabulary_matches_one_process(tmp_path):
     run_gloo_workers(_shard_worker, tmp_path, args=(str(tmp_path),))
     te, g = _modules()
-    emb = encode_vocabulary(te, g, torch.tensor(IDS), CAPTIONING_INPUTS, chunk=len(IDS)).embeddings
+    emb = encode_vocabulary(te, g, torch.tensor(IDS), CAPTIONING_INPUTS, chunk_tokens=3 * len(IDS)).embeddings
     per_rank = [_loss_and_grads(te, g, emb, r) for r in range(2)]  # the mean loss of the 2 ranks
     expected = [None if a is None else (a + b) / 2 for a, b in zip(*per_rank)]
     for r in range(2):

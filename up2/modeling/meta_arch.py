@@ -119,7 +119,7 @@ class UniPerceiverV2(nn.Module):
         inference_amp: Optional[torch.dtype] = None,
         channels_last: bool = True,
         default_task: Optional[str] = None,
-        target_chunk: int = 1024,
+        target_chunk_tokens: int = 2048,
         target_recompute: bool = True,
         target_shard: bool = False,
     ):
@@ -134,7 +134,7 @@ class UniPerceiverV2(nn.Module):
                 constructor leaves its modules as given.
             default_task: the task of ``forward`` without ``task=``; None = the only task, else
                 the only localization task (none when ambiguous: ``forward`` then asks for one).
-            target_chunk / target_recompute / target_shard: how fixed target sets (class names,
+            target_chunk_tokens / target_recompute / target_shard: how fixed target sets (class names,
                 vocabularies) are encoded in training (``up2.modeling.target_set.encode_text_targets``;
                 cfg.MODEL.TARGET_SETS; sharding only with unmixed task sampling).
 
@@ -163,9 +163,9 @@ class UniPerceiverV2(nn.Module):
         self.inference_only_rewrites: Tuple[str, ...] = ()
         self.inference_amp = inference_amp
         self.channels_last = channels_last
-        if target_chunk < 1:
-            raise ValueError(f"MODEL.TARGET_SETS.CHUNK_SIZE must be >= 1, got {target_chunk}")
-        self.target_chunk = int(target_chunk)
+        if target_chunk_tokens < 1:
+            raise ValueError(f"MODEL.TARGET_SETS.CHUNK_TOKENS must be >= 1, got {target_chunk_tokens}")
+        self.target_chunk_tokens = int(target_chunk_tokens)
         self.target_recompute = bool(target_recompute)
         self.target_shard = bool(target_shard)
 
@@ -189,7 +189,7 @@ class UniPerceiverV2(nn.Module):
             "test_topk": cfg.MODEL.PROPOSAL.TEST_TOPK,
             "inference_amp": inference_amp_dtype(cfg),
             "channels_last": cfg.MODEL.CHANNELS_LAST,
-            "target_chunk": cfg.MODEL.TARGET_SETS.CHUNK_SIZE,
+            "target_chunk_tokens": cfg.MODEL.TARGET_SETS.CHUNK_TOKENS,
             "target_recompute": cfg.MODEL.TARGET_SETS.RECOMPUTE,
             # every rank must encode together: only when all ranks run the same task (paper §4.4)
             "target_shard": cfg.MODEL.TARGET_SETS.SHARD and cfg.DATALOADER.TASK_SAMPLING == "unmixed",
@@ -274,7 +274,7 @@ class UniPerceiverV2(nn.Module):
         """chunk / recompute / shard of a fixed target set: the memory savers only apply when
         gradients are taken (training)."""
         grad = self.training and torch.is_grad_enabled()
-        return {"chunk": self.target_chunk, "recompute": grad and self.target_recompute,
+        return {"chunk_tokens": self.target_chunk_tokens, "recompute": grad and self.target_recompute,
                 "shard": grad and self.target_shard}
 
     def embed_tokens_as_targets(self, token_ids: torch.Tensor, inputs: AbstractSet[Modality], key: tuple) -> TargetEmbeddings:

@@ -88,10 +88,12 @@ def _world() -> Tuple[int, int]:
 
 
 def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: torch.Tensor,
-                        attention_mask: torch.Tensor, inputs: AbstractSet[Modality], chunk: int, recompute: bool = False,
+                        attention_mask: torch.Tensor, inputs: AbstractSet[Modality], chunk_tokens: int,
+                        recompute: bool = False,
                         shard: bool = False) -> TargetEmbeddings:
     """A fixed set of tokenized texts as targets: g(f_text(y)) at [SPE] (paper §4.2, Eq. 6),
-    ``chunk`` texts per pass through f_text and g (:func:`encode_targets`). Two memory savers for
+    ``chunk_tokens // T`` texts (at least one) per pass through f_text and g (:func:`encode_targets`),
+    so a chunk's activations are bounded whatever the texts' length. Two memory savers for
     training on large target sets (ImageNet's 1,000 class names, a 50,265-token vocabulary),
     neither of which changes the result:
 
@@ -111,7 +113,7 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
         decoder: the unified decoder g.
         input_ids: (C, T) int64 token ids. attention_mask: (C, T) int64 or bool, 1 = token.
         inputs: the modalities of the task's input x (MoE routing attribute of the targets).
-        chunk: texts per pass through f_text and g (>= 1).
+        chunk_tokens: text tokens (rows x T, padding included) per pass through f_text and g (>= 1).
         recompute: checkpoint each chunk (use it when gradients are needed).
         shard: split the set across the ranks of the default process group.
 
@@ -120,13 +122,14 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
         balance loss of this rank's passes (None without MoE balancing).
 
     Raises:
-        ValueError: an empty set, mismatched shapes, or ``chunk`` < 1.
+        ValueError: an empty set, mismatched shapes, or ``chunk_tokens`` < 1.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"encode_text_targets: expected non-empty (C, T) ids and an attention mask of the same "
                          f"shape, got {tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-    if chunk < 1:
-        raise ValueError(f"encode_text_targets: chunk must be >= 1, got {chunk}")
+    if chunk_tokens < 1:
+        raise ValueError(f"encode_text_targets: chunk_tokens must be >= 1, got {chunk_tokens}")
+    chunk = max(1, chunk_tokens // input_ids.shape[1])
     rank, world = _world() if shard else (0, 1)
     C = input_ids.shape[0]
     ids, mask = input_ids, attention_mask
@@ -154,32 +157,32 @@ def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: 
 
 def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: torch.Tensor,
                       inputs: AbstractSet[Modality],
-                      chunk: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
+                      chunk_tokens: int, recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
     """Vocabulary tokens as targets: g(f_text(v)) at [SPE] for every token v (paper §4.2, Eq. 6).
 
     Each token is a text of its own, framed as the tokenizer frames every text
     (``TextEncoder.frame_single_tokens``), and goes through :func:`encode_text_targets` with its
-    ``chunk`` / ``recompute`` / ``shard`` settings.
+    ``chunk_tokens`` / ``recompute`` / ``shard`` settings (3 text tokens per vocabulary token).
 
     Args:
         text_encoder: f_text (``up2.modeling.text_encoder.TextEncoder``).
         decoder: the unified decoder g.
         token_ids: (V,) int64 vocabulary ids.
-        inputs, chunk, recompute, shard: as :func:`encode_text_targets`.
+        inputs, chunk_tokens, recompute, shard: as :func:`encode_text_targets`.
 
     Returns:
         TargetEmbeddings: (V, d) embeddings, rows in the order of ``token_ids``, and the MoE
         balance loss of this rank's passes (None without MoE balancing).
 
     Raises:
-        ValueError: an empty vocabulary, ``chunk`` < 1, or ids out of the text encoder's range.
+        ValueError: an empty vocabulary, ``chunk_tokens`` < 1, or ids out of the text encoder's range.
     """
     if token_ids.dim() != 1 or token_ids.numel() == 0:
         raise ValueError(f"encode_vocabulary: expected a non-empty (V,) id tensor, got shape {tuple(token_ids.shape)}")
-    if chunk < 1:
-        raise ValueError(f"encode_vocabulary: chunk must be >= 1, got {chunk}")
+    if chunk_tokens < 1:
+        raise ValueError(f"encode_vocabulary: chunk_tokens must be >= 1, got {chunk_tokens}")
     return encode_text_targets(text_encoder, decoder, *text_encoder.frame_single_tokens(token_ids), inputs,
-                               chunk=chunk, recompute=recompute, shard=shard)
+                               chunk_tokens=chunk_tokens, recompute=recompute, shard=shard)
 
 
 class TargetCache:
