@@ -45,8 +45,9 @@ On two CPU cores a full-vocabulary step takes tens of minutes, so ``--vocab-toke
 embeddings for the other rows (the logits keep all V columns); the table's "s (full V)" adds
 the measured per-token time of the rest.
 
-``--ranks 2`` also runs the captioning step with 2 gloo processes (DDP as the trainer wraps the
-model) and prints how many vocabulary tokens each rank encoded.
+``--ranks 2`` also runs the captioning forward and backward with 2 gloo processes (DDP as the
+trainer wraps the model; no optimizer step, whose state would not fit two ranks into this
+machine's RAM) and prints how many vocabulary tokens each rank encoded.
 """
 from __future__ import annotations
 
@@ -199,18 +200,25 @@ def _wrap_target_sets(model, limit: int, meter_ref: list, counts: list):
     model.embed_tokens_as_targets, model.embed_texts = tokens, texts
 
 
-def build(config: str, roberta: str, vocab_tokens: int):
-    import torch
+def load_config(config: str):
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
 
     from up2 import add_up2_config
-    from up2.engine.trainer import build_optimizer
-    from up2.modeling.tasks import resolve_task_data
 
     cfg = get_cfg()
     add_up2_config(cfg)
     cfg.merge_from_file(config)
+    return cfg
+
+
+def build(config: str, roberta: str, vocab_tokens: int):
+    import torch
+    from detectron2.modeling import build_model
+
+    from up2.engine.trainer import build_optimizer
+    from up2.modeling.tasks import resolve_task_data
+
+    cfg = load_config(config)
     cfg.MODEL.TEXT_ENCODER.NAME = roberta
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""  # the paper configs name pretrained backbones; this measures random ones
@@ -237,7 +245,7 @@ def train_step(cfg, model, optimizer, name: str, folder: str, meter_ref: list, d
     batch = [build_mapper(cfg, spec, is_train=True)(copy.deepcopy(_record(spec.type, folder, num_classes)))]
     meter = SavedBytes(model)
     meter_ref[0] = meter
-    optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
     start = time.perf_counter()
     with meter.hooks():
         losses = (ddp_model or model)(batch, task=name)
@@ -245,9 +253,10 @@ def train_step(cfg, model, optimizer, name: str, folder: str, meter_ref: list, d
     forward_s = time.perf_counter() - start
     meter_ref[0] = None
     loss.backward()
-    if isinstance(optimizer, TBGN):
-        optimizer.set_task(1.0, spec.grad_weight)
-    optimizer.step()
+    if optimizer is not None:
+        if isinstance(optimizer, TBGN):
+            optimizer.set_task(1.0, spec.grad_weight)
+        optimizer.step()
     seconds = time.perf_counter() - start
     got = [p for p in model.parameters() if p.grad is not None]
     batch_bytes, set_bytes = meter.totals()
@@ -306,19 +315,24 @@ def vocabulary_bytes(probe: dict, V: int, d: int, chunk_rows: int, world: int) -
 
 
 # ---- gloo ranks -----------------------------------------------------------------------------
-def _rank_main(rank: int, world: int, port: int, config: str, roberta: str, folder: str, name: str, out: str):
+def _rank_main(rank: int, world: int, port: int, config: str, roberta: str, folder: str, name: str, out: str,
+               args: argparse.Namespace):
+    global ARGS
+    ARGS = args
     import torch
     import torch.distributed as dist
 
-    from detectron2.engine import create_ddp_model
+    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg, model, optimizer, meter_ref, counts = build(config, roberta, ARGS.vocab_tokens)
-        ddp = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True)
-        row = train_step(cfg, model, optimizer, name, folder, meter_ref, ddp_model=ddp)
-        row.update(rank=rank, vocab_tokens_encoded=sum(counts[-1:]), peak_rss_gb=_peak_rss_gb())
+        cfg, model, _, meter_ref, counts = build(config, roberta, ARGS.vocab_tokens)
+        ddp = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True,  # as UP2Trainer
+                                      gradient_as_bucket_view=True)  # no second copy of the gradients
+        # forward + DDP backward only: two ranks' optimizer states do not fit this machine's RAM
+        row = train_step(cfg, model, None, name, folder, meter_ref, ddp_model=ddp)
+        row.update(rank=rank, vocab_tokens_encoded=sum(counts), peak_rss_gb=_peak_rss_gb())
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(row, f)
     finally:
@@ -334,8 +348,10 @@ def run_ranks(config: str, roberta: str, folder: str, name: str, world: int) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_rank_main, args=(world, port, config, roberta, folder, name, out), nprocs=world,
-                           start_method="fork")
+        # spawned (not forked) ranks start small: two ranks of a paper-size model and the parent
+        # fill this machine's RAM
+        mp.start_processes(_rank_main, args=(world, port, config, roberta, folder, name, out, ARGS), nprocs=world,
+                           start_method="spawn")
         return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
 
 
@@ -371,6 +387,19 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as roberta, tempfile.TemporaryDirectory() as folder:
         write_random_roberta_base(roberta, [" ".join(WORDS)] * 20)
         for config in ARGS.configs:
+            ranks_md = []
+            if ARGS.ranks > 1:
+                cfg0 = load_config(config)
+                captioning = [n for n in (ARGS.tasks or list(cfg0.TASKS.keys())) if cfg0.TASKS[n].TYPE == "captioning"]
+                if captioning:  # first, while this process is small
+                    ranks = run_ranks(config, roberta, folder, captioning[0], ARGS.ranks)
+                    rank_table = [[r["rank"], r["vocab_tokens_encoded"], f"{r['seconds']:.1f}", f"{r['peak_rss_gb']:.1f}",
+                                   f"{r['loss']:.4f}"] for r in ranks]
+                    rank_headers = ["rank", "vocabulary tokens encoded", "s (forward + backward)", "peak RSS GB", "loss"]
+                    print(tabulate(rank_table, headers=rank_headers, tablefmt="github"))
+                    ranks_md = [f"Captioning with {ARGS.ranks} gloo ranks (DDP, forward + backward; "
+                                f"{ARGS.vocab_tokens or ROBERTA_BASE_VOCAB} vocabulary tokens encoded per step "
+                                "over all ranks):", "", tabulate(rank_table, headers=rank_headers, tablefmt="github"), ""]
             cfg, model, optimizer, meter_ref, _ = build(config, roberta, ARGS.vocab_tokens)
             n_params = sum(p.numel() for p in model.parameters())
             fixed = 16 * n_params
@@ -420,7 +449,7 @@ def main(argv=None):
                      f"(16 B / parameter), {ARGS.num_gpus} GPUs")
             vocab_rows = [["f_text embedding layer + g, autograd (before)", _gb(vocab["before_embedding_layer_only"])],
                           ["f_text + g, autograd, no chunking (§4.2, plain)", _gb(vocab["section_4_2_plain_autograd"])],
-                          [f"f_text + g, chunks of {chunk} tokens recomputed, sharded over {ARGS.num_gpus} (after)",
+                          [f"f_text + g, chunks of {chunk_tokens:,} text tokens recomputed, sharded over {ARGS.num_gpus} (after)",
                            _gb(vocab["after"])]]
             print(title)
             print(tabulate(table, headers=headers, tablefmt="github"))
@@ -431,17 +460,10 @@ def main(argv=None):
                             tablefmt="github"), ""]
             entry = {"config": config, "parameters": n_params, "fixed_bytes": fixed, "vocabulary_probe": probe,
                      "vocabulary_bytes": vocab, "tasks": rows}
-            captioning = [n for n in names if cfg.TASKS[n].TYPE == "captioning"]
-            del model, optimizer
-            if ARGS.ranks > 1 and captioning:
-                ranks = run_ranks(config, roberta, folder, captioning[0], ARGS.ranks)
+            if ranks_md:
                 entry["captioning_ranks"] = ranks
-                rank_table = [[r["rank"], r["vocab_tokens_encoded"], f"{r['seconds']:.1f}", f"{r['peak_rss_gb']:.1f}",
-                               f"{r['loss']:.4f}"] for r in ranks]
-                rank_headers = ["rank", "vocabulary tokens encoded", "s (step)", "peak RSS GB", "loss"]
-                print(tabulate(rank_table, headers=rank_headers, tablefmt="github"))
-                md += [f"Captioning with {ARGS.ranks} gloo ranks (DDP; {ARGS.vocab_tokens or V} vocabulary tokens "
-                       "encoded per step):", "", tabulate(rank_table, headers=rank_headers, tablefmt="github"), ""]
+                md += ranks_md
+            del model, optimizer
             results.append(entry)
     if ARGS.markdown:
         with open(ARGS.markdown, "w") as f:

@@ -16,11 +16,9 @@ BASE configuration (``FFN_SHARE_GATE_DECISION: True``), fc1 and fc2 share one ga
 Tokens with equal attributes route alike, so the gate runs once per distinct attribute row and
 each group does one merge and one matmul per linear layer.
 
-This replaced up2's first MoE (whole-FFN experts whose outputs were mixed, k FFN passes per
-token), which no measurement favoured: at paper width (d=768, f=3072, E=8, k=2) on 660 tokens in
-two groups, one CPU thread, merging took 149 ms forward and 612 ms forward+backward against
-267 ms and 1035 ms. Merging costs G*E*d*f per layer whatever the number of tokens, so it only
-loses when a group has fewer than about E/k tokens (e.g. one decoding step of a single caption).
+Merging costs G*E*d*f per layer whatever the number of tokens, so it is cheaper than running k
+expert FFNs per token unless a group has fewer than about E/k tokens (e.g. one decoding step of
+a single caption).
 """
 from __future__ import annotations
 
