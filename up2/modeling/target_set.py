@@ -9,10 +9,11 @@ token as a text of its own (:func:`encode_vocabulary`). Fixed target sets can be
 ImageNet class names, 50,265 RoBERTa tokens) and are encoded at every training step, so
 :func:`encode_text_targets` encodes them in chunks whose activations are recomputed in the
 backward pass instead of kept, split across the ranks of a distributed run, each rank
-encoding 1/G of the set and gathering the rest with gradient. Target embeddings do not depend on the input, so a model prepared
-for inference (``up2.modeling.inference``) keeps them in a :class:`TargetCache`, which is
-invalidated whenever a weight they depend on changes (tracked by the parameters' in-place
-version counters, which optimizer steps and ``load_state_dict`` both bump).
+encoding 1/G of the set and gathering the rest with gradient. Target embeddings do not depend
+on the input, so a model prepared for inference (``up2.modeling.inference``) keeps them in a
+:class:`TargetCache`, which is invalidated whenever a weight they depend on changes (tracked
+by the parameters' in-place version counters, which optimizer steps and ``load_state_dict``
+both bump).
 """
 from __future__ import annotations
 
@@ -89,8 +90,7 @@ def _world() -> Tuple[int, int]:
 
 def encode_text_targets(text_encoder: nn.Module, decoder: nn.Module, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor, inputs: AbstractSet[Modality], chunk_tokens: int,
-                        recompute: bool = False,
-                        shard: bool = False) -> TargetEmbeddings:
+                        recompute: bool = False, shard: bool = False) -> TargetEmbeddings:
     """A fixed set of tokenized texts as targets: g(f_text(y)) at [SPE] (paper §4.2, Eq. 6),
     ``chunk_tokens // T`` texts (at least one) per pass through f_text and g (:func:`encode_targets`),
     so a chunk's activations are bounded whatever the texts' length. Two memory savers for
