@@ -114,26 +114,27 @@ def _results_are_detectron2_floats(res):
     json.dumps(res, allow_nan=False)
 
 
-@needs_java
-def test_ptb_tokenizer_is_used_and_named_when_java_is_there(caplog):
-    assert tokenize_captions({1: ["A man's T-shirt, red."]}) == ({1: ["a man 's t-shirt red"]}, "ptb")
+def _evaluate_and_check_tokenizer(caplog, name: str, flag: float, logged: str):
+    """The default evaluator on GTS/RES used tokenizer ``name``, says so in its results
+    (``ptb_tokenizer`` = ``flag``) and its log (``logged``), and its results are strict floats."""
     ev = CaptioningEvaluator(GTS)
     with caplog.at_level(logging.INFO, logger="up2.evaluation.captioning"):
         res = _run(ev, RES)
-    assert res["captioning"]["ptb_tokenizer"] == 1.0 and ev.tokenizer_used == "ptb"
-    assert "PTB tokenizer" in caplog.text
+    assert res["captioning"]["ptb_tokenizer"] == flag and ev.tokenizer_used == name
+    assert logged in caplog.text
     _results_are_detectron2_floats(res)
+
+
+@needs_java
+def test_ptb_tokenizer_is_used_and_named_when_java_is_there(caplog):
+    assert tokenize_captions({1: ["A man's T-shirt, red."]}) == ({1: ["a man 's t-shirt red"]}, "ptb")
+    _evaluate_and_check_tokenizer(caplog, "ptb", 1.0, "PTB tokenizer")
 
 
 def test_without_java_simple_tokenize_is_used_and_named(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no java
     assert tokenize_captions({1: ["A man's T-shirt, red."]}) == ({1: ["a man s t shirt red"]}, "simple")
-    ev = CaptioningEvaluator(GTS)
-    with caplog.at_level(logging.INFO, logger="up2.evaluation.captioning"):
-        res = _run(ev, RES)
-    assert res["captioning"]["ptb_tokenizer"] == 0.0 and ev.tokenizer_used == "simple"
-    assert "simple_tokenize" in caplog.text
-    _results_are_detectron2_floats(res)
+    _evaluate_and_check_tokenizer(caplog, "simple", 0.0, "simple_tokenize")
     with pytest.raises(RuntimeError, match="no 'java' is on PATH"):
         CaptioningEvaluator(GTS, tokenizer="ptb")
     with pytest.raises(ValueError, match="tokenizer must be one of"):

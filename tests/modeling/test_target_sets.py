@@ -62,6 +62,17 @@ def test_vocabulary_is_encoded_by_the_full_text_encoder():
     assert (changed - got).abs().max() > 1e-3
 
 
+def _assert_same_values_and_gradients(emb, grads, ref, ref_grads):
+    """Embeddings and per-parameter gradients equal a reference's within float tolerance (an
+    unused parameter may have no gradient or a zero one)."""
+    torch.testing.assert_close(emb, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        if b is None:
+            assert a is None or a.abs().max() == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_recompute_and_chunks_give_the_same_values_and_gradients(moe):
     te, g = _modules(moe=moe)
@@ -78,12 +89,7 @@ def test_recompute_and_chunks_give_the_same_values_and_gradients(moe):
     plain, plain_grads = run(len(IDS), False)
     for chunk, recompute in ((len(IDS), True), (3, True), (2, False)):
         emb, grads = run(chunk, recompute)
-        torch.testing.assert_close(emb, plain, rtol=1e-4, atol=1e-5)
-        for a, b in zip(grads, plain_grads):
-            if b is None:
-                assert a is None or a.abs().max() == 0
-            else:
-                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        _assert_same_values_and_gradients(emb, grads, plain, plain_grads)
     # the encoder's transformer layers and g receive gradient through the vocabulary targets
     named = dict(zip([n for n, p in (*te.named_parameters(), *g.named_parameters()) if p.requires_grad], plain_grads))
     assert named["model.encoder.layer.0.attention.self.query.weight"].abs().sum() > 0
@@ -130,12 +136,7 @@ def test_class_names_in_recomputed_chunks_match_one_pass():
     got, got_grads = grads_of(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
                                                           CLS_INPUTS, chunk_tokens=2 * batch["input_ids"].shape[1],
                                                           recompute=True).embeddings)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    for a, b in zip(got_grads, ref_grads):
-        if b is None:
-            assert a is None or a.abs().max() == 0
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    _assert_same_values_and_gradients(got, got_grads, ref, ref_grads)
     plain = _saved_bytes(lambda: encode_targets(g, *te.encode(names), CLS_INPUTS))
     kept = _saved_bytes(lambda: encode_text_targets(te, g, batch["input_ids"], batch["attention_mask"],
                                                     CLS_INPUTS, chunk_tokens=2 * batch["input_ids"].shape[1], recompute=True))
