@@ -179,8 +179,6 @@ def encode_vocabulary(text_encoder: nn.Module, decoder: nn.Module, token_ids: to
     """
     if token_ids.dim() != 1 or token_ids.numel() == 0:
         raise ValueError(f"encode_vocabulary: expected a non-empty (V,) id tensor, got shape {tuple(token_ids.shape)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"encode_vocabulary: chunk_tokens must be >= 1, got {chunk_tokens}")
     return encode_text_targets(text_encoder, decoder, *text_encoder.frame_single_tokens(token_ids), inputs,
                                chunk_tokens=chunk_tokens, recompute=recompute, shard=shard)
 
