@@ -37,6 +37,8 @@ class PixelDecoderOutput:
             order is NOT assumed: use ``spatial_shapes`` / ``level_start_index``).
         spatial_shapes: (L, 2) int64, (h_l, w_l) of each level.
         level_start_index: (L,) int64, offset of each level inside S.
+        level_shapes: the same (h_l, w_l) as Python ints, for code that needs them on the host
+            (reading ``spatial_shapes`` back would synchronise with a GPU).
         padding_mask: (N, S) bool, True on padded pixels, or None when no image is padded.
         multi_scale_features: L tensors (N, D, h_l, w_l), the encoder output unflattened.
     """
@@ -45,6 +47,7 @@ class PixelDecoderOutput:
     memory: torch.Tensor
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
+    level_shapes: Tuple[Tuple[int, int], ...]
     padding_mask: Optional[torch.Tensor]
     multi_scale_features: List[torch.Tensor]
 

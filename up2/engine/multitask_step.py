@@ -7,6 +7,7 @@ every rank), its loader gives the batch, the loss is that task's loss, and TBGN 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 from typing import Mapping
@@ -66,13 +67,7 @@ class MultiTaskStep(SimpleTrainer):
     def _forward(self, batch, name: str):
         device = next(self.model.parameters()).device.type
         with torch.autocast(device_type=device, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
-            loss_dict = self.model(batch, task=name)
-        for k, v in loss_dict.items():
-            if not torch.isfinite(v).all():
-                raise FloatingPointError(
-                    f"non-finite loss {k}={v.detach().float().item()} in task {name!r} at iteration {self.iter}"
-                )
-        return loss_dict
+            return self.model(batch, task=name)
 
     def run_step(self):
         assert self.model.training, "[MultiTaskStep] model was changed to eval mode!"
@@ -99,7 +94,19 @@ class MultiTaskStep(SimpleTrainer):
             self.task_counts[name] += 1
         self.after_backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        # The iteration's one copy to the host: every loss, the gradient norm and tau together
+        # (read one by one, each would be a host synchronisation on a GPU).
+        device_values = list(logged.values())
+        device_values.append(torch.nn.utils.get_total_norm(grads) if grads else device_values[0].new_zeros(()))
+        device_values.append(model.likelihood.temperature.detach())
+        host = torch.stack([v.detach().float().reshape(()) for v in device_values]).cpu()
+        logged = dict(zip(logged, host[: len(logged)]))
+        grad_norm, tau = float(host[-2]), float(host[-1])
+        for key, value in logged.items():  # before the update, so a NaN never reaches the weights
+            if not math.isfinite(float(value)):
+                task, _, loss = key.partition("/")
+                raise FloatingPointError(f"non-finite loss {loss}={float(value)} in task {task!r} at iteration {self.iter}")
 
         if isinstance(self.optimizer, TBGN):
             # unmixed: the sampled task's (s_k, omega_k); mixed: one joint step (s = 1, omega = 1)
@@ -119,13 +126,12 @@ class MultiTaskStep(SimpleTrainer):
             (key,) = logged
             storage.put_scalar(key, storage.history("total_loss").latest())
         storage.put_scalar("grad_norm", grad_norm, smoothing_hint=False)
-        model = self.model.module if hasattr(self.model, "module") else self.model
         tasks = getattr(model, "tasks", {})
         for name in batches:
             storage.put_scalar(f"task_count/{name}", self.task_counts[name], smoothing_hint=False)
             if name in tasks:
                 tasks[name].log_batch(batches[name], storage)
-        storage.put_scalar("tau", float(model.likelihood.temperature.detach()), smoothing_hint=False)
+        storage.put_scalar("tau", tau, smoothing_hint=False)
 
     def state_dict(self):
         ret = super().state_dict()

@@ -5,7 +5,7 @@ Shape shorthand: X inputs (any leading shape), C candidate targets, d width.
 from __future__ import annotations
 
 import math
-from typing import Set
+from typing import Optional, Set
 
 import torch
 import torch.nn.functional as F
@@ -62,16 +62,23 @@ class Likelihood(nn.Module):
             return scale * x @ y.t()
 
     @staticmethod
-    def loss(logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    def loss(logits: torch.Tensor, target: torch.Tensor, weight: float = 1.0,
+             valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Eq. 7 for one task: ``w_k * mean(-log softmax(logits)[target])``.
 
         Args:
             logits: (M, C) float32. target: (M,) int64 in [0, C). weight: w_k.
+            valid: (M,) bool or None: the mean runs over the rows where it is True (a row mask
+                that needs no host synchronisation, unlike selecting the rows).
 
         Returns:
-            0-dim float. With M = 0 it is an exact zero that is still connected to ``logits``
-            (so every rank produces the same graph under DDP).
+            0-dim float. With M = 0 (or no valid row) it is an exact zero that is still connected
+            to ``logits`` (so every rank produces the same graph under DDP).
         """
         if logits.shape[0] == 0:
             return logits.sum() * 0.0
-        return weight * F.cross_entropy(logits, target)
+        if valid is None:
+            return weight * F.cross_entropy(logits, target)
+        nll = F.cross_entropy(logits, target, reduction="none")
+        valid = valid.to(nll.dtype)
+        return weight * (nll * valid).sum() / valid.sum().clamp(min=1.0)

@@ -83,6 +83,20 @@ class ImageEncoding:
     targets: Optional[list] = None
 
 
+def _pad_to_batch(images: Sequence[torch.Tensor], size_divisibility: int) -> ImageList:
+    """detectron2's ``ImageList.from_tensors`` (zero padding at the bottom/right to a multiple of
+    ``size_divisibility``) with the batch size computed from Python ints, so it needs no host
+    synchronisation (from_tensors reads its sizes back from tensors)."""
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    stride = max(size_divisibility, 1)
+    hp = -(-max(h for h, _ in sizes) // stride) * stride
+    wp = -(-max(w for _, w in sizes) // stride) * stride
+    batch = images[0].new_zeros(len(images), images[0].shape[0], hp, wp)
+    for out, im in zip(batch, images):
+        out[:, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return ImageList(batch, sizes)
+
+
 @META_ARCH_REGISTRY.register()
 class UniPerceiverV2(nn.Module):
     """The generalist model: f_image, f_text, the shared decoder g and the likelihood.
@@ -215,7 +229,7 @@ class UniPerceiverV2(nn.Module):
                 got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"input {i}: 'image' must be a (3, H, W) tensor, got {got}")
             images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = _pad_to_batch(images, self.size_divisibility)
         if self._backbone_channels_last():
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         pad = torch.ones(images.tensor.shape[0], *images.tensor.shape[-2:], dtype=torch.bool, device=self.device)

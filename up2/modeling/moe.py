@@ -23,13 +23,56 @@ a single caption).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttributeGate", "ConditionalMoE", "switch_balance_loss"]
+from up2.utils.host_sync import to_device
+
+__all__ = ["AttributeGate", "ConditionalMoE", "RoutingGroups", "routing_groups", "switch_balance_loss"]
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """Tokens grouped by equal routing attributes (paper §4.3: the gate sees only these).
+
+    Attributes:
+        groups: (G, A) the distinct attribute rows, on the attributes' device and dtype.
+        order: (B*T,) int64 token indices sorted by group (stable).
+        undo: (B*T,) int64 inverse permutation of ``order``.
+        counts: G Python ints, tokens per group (host values: they size the slices).
+    """
+
+    groups: torch.Tensor
+    order: torch.Tensor
+    undo: torch.Tensor
+    counts: List[int]
+
+
+def routing_groups(attributes: torch.Tensor) -> RoutingGroups:
+    """Group the (B, T, A) ``attributes``' tokens by attribute row.
+
+    The grouping is computed on the host from ONE copy of the attributes (their distinct rows
+    decide the slice sizes, which the host needs) and kept on the tensor, so every MoE layer of
+    a forward that gets the same attribute tensor reuses it: one host synchronisation per
+    forward instead of one ``unique`` and one size read per layer.
+    """
+    cached = getattr(attributes, "_up2_routing", None)
+    if cached is not None and cached[0] == attributes._version:
+        return cached[1]
+    device, dtype = attributes.device, attributes.dtype
+    host = attributes.reshape(-1, attributes.shape[-1]).cpu()  # the one copy to the host
+    groups, inverse, counts = torch.unique(host, dim=0, return_inverse=True, return_counts=True)
+    order = torch.argsort(inverse, stable=True)
+    undo = torch.empty_like(order)
+    undo[order] = torch.arange(order.numel())
+    routing = RoutingGroups(groups=to_device(groups, device, dtype), order=to_device(order, device),
+                            undo=to_device(undo, device), counts=counts.tolist())
+    attributes._up2_routing = (attributes._version, routing)
+    return routing
 
 
 def switch_balance_loss(probs: torch.Tensor, expert_idx: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -282,23 +325,19 @@ class ConditionalMoE(nn.Module):
         x_flat = x.reshape(-1, self.embed_dim)
         if x_flat.shape[0] == 0:
             return x.clone(), None
-        groups, inverse, counts = torch.unique(
-            attributes.reshape(-1, self.attribute_dim), dim=0, return_inverse=True, return_counts=True
-        )
-        probs, expert_idx, weights = self.gate(groups)  # (G, E), (G, k), (G, k)
+        routing = routing_groups(attributes)
+        probs, expert_idx, weights = self.gate(routing.groups)  # (G, E), (G, k), (G, k)
         w1, b1, w2, b2 = self.merged_weights(expert_idx, weights)
-        if groups.shape[0] == 1:  # one routing group (text-only, image-only tasks): no reordering
+        if len(routing.counts) == 1:  # one routing group (text-only, image-only tasks): no reordering
             out = torch.addmm(b2[0], self.dropout(F.gelu(torch.addmm(b1[0], x_flat, w1[0]))), w2[0])
         else:
-            # Sort tokens by group so each group is one contiguous slice (no per-token loop).
-            order = torch.argsort(inverse, stable=True)
-            chunks = x_flat[order].split(counts.tolist())
+            # tokens sorted by group: each group is one contiguous slice (no per-token loop)
+            chunks = x_flat[routing.order].split(routing.counts)
             outputs = [torch.addmm(b2[g], self.dropout(F.gelu(torch.addmm(b1[g], chunk, w1[g]))), w2[g])
                        for g, chunk in enumerate(chunks)]  # loop over the few distinct attribute rows
-            undo = torch.empty_like(order)
-            undo[order] = torch.arange(order.numel(), device=order.device)
-            out = torch.cat(outputs)[undo]
+            out = torch.cat(outputs)[routing.undo]
         loss = None
         if self.balance_loss_weight > 0:
+            counts = to_device(routing.counts, probs.device, probs.dtype)
             loss = self.balance_loss_weight * switch_balance_loss(probs, expert_idx, counts)
         return out.reshape(*lead, self.embed_dim), loss

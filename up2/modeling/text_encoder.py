@@ -23,6 +23,7 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
+from up2.utils.host_sync import device_assert
 from up2.utils.paths import expand_path
 
 __all__ = ["TextEncoder", "SpecialTokenIds", "special_token_ids", "resolve_text_model_path", "load_text_model",
@@ -372,14 +373,16 @@ class TextEncoder(nn.Module):
                 f"({self.position_limit}); tokenize with truncation"
             )
         num_embeddings = self.model.get_input_embeddings().num_embeddings
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= num_embeddings):
-            raise ValueError(
-                f"TextEncoder: input_ids must lie in [0, {num_embeddings}), got "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
-        attention_mask = attention_mask.long()
-        hidden = self.model(input_ids=input_ids.long(), attention_mask=attention_mask).last_hidden_state
-        return self.proj(hidden), attention_mask == 0
+        if input_ids.numel():
+            device_assert((input_ids >= 0) & (input_ids < num_embeddings),
+                          f"TextEncoder: input_ids must lie in [0, {num_embeddings})")
+        keep = attention_mask.bool()
+        b, t = keep.shape
+        # a (B, 1, T, T) "may attend" mask is used as given; transformers inspects a (B, T) mask on
+        # the host (to drop it when nothing is padded), a GPU synchronisation per call
+        hidden = self.model(input_ids=input_ids.long(),
+                            attention_mask=keep[:, None, None, :].expand(b, 1, t, t)).last_hidden_state
+        return self.proj(hidden), ~keep
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Context-free token features: the language model's embedding layer (word + position

@@ -32,6 +32,7 @@ from typing import FrozenSet, Iterable, Optional, Sequence, Union
 import torch
 
 from up2.structures import TokenAttention
+from up2.utils.host_sync import device_assert
 
 __all__ = [
     "Modality",
@@ -163,24 +164,31 @@ def encode_attributes(
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     if tensors:
         device = tensors[0].device
-    indices = []
+    # Built with comparisons and fills on the device: no host-to-device copy and no host sync
+    # (F.one_hot would read the indices' range back to the host).
+    parts = []
     for name, value, block in zip(_FIELDS, values, _BLOCKS):
+        positions = torch.arange(len(block), device=device)
         if isinstance(value, torch.Tensor):
             if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
                 raise TypeError(f"attribute {name!r}: expected an integer index tensor, got dtype {value.dtype}")
-            if value.numel() and (int(value.min()) < 0 or int(value.max()) >= len(block)):
-                raise ValueError(
-                    f"attribute {name!r}: indices must lie in [0, {len(block)}) for {block.__name__}, "
-                    f"got range [{int(value.min())}, {int(value.max())}]"
-                )
-            indices.append(value.to(device=device, dtype=torch.int64))
+            _check_index_range(name, value, block)
+            parts.append(value.to(device=device)[..., None] == positions)
         else:
-            indices.append(torch.tensor(_index(value, block), device=device))
-    indices = torch.broadcast_tensors(*indices)
-    parts = [torch.nn.functional.one_hot(idx, len(block)) for idx, block in zip(indices, _BLOCKS)]
-    multi_hot = torch.tensor([m in inputs for m in Modality], device=device, dtype=parts[0].dtype)
-    parts.append(multi_hot.expand(*indices[0].shape, len(Modality)))
-    return torch.cat(parts, dim=-1).to(dtype)
+            parts.append(positions == _index(value, block))
+    # multi-hot input modalities: bit i of the Python int ``mask`` is set for the i-th Modality
+    mask = sum(1 << i for i, m in enumerate(Modality) if m in inputs)
+    bits = torch.arange(len(Modality), device=device)
+    parts.append(torch.bitwise_and(torch.bitwise_left_shift(torch.ones_like(bits), bits), mask) != 0)
+    shape = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+    return torch.cat([p.expand(*shape, p.shape[-1]) for p in parts], dim=-1).to(dtype)
+
+
+def _check_index_range(name: str, value: torch.Tensor, block: type) -> None:
+    """ValueError unless every index lies in [0, len(block)) (checked on the device: no host sync)."""
+    if value.numel():
+        device_assert((value >= 0) & (value < len(block)),
+                      f"attribute {name!r}: indices must lie in [0, {len(block)}) for {block.__name__}")
 
 
 def constant_attributes(

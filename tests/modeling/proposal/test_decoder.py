@@ -28,6 +28,7 @@ def _enc(n=2, padding=False, seed=0):
         memory=memory,
         spatial_shapes=shapes,
         level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+        level_shapes=tuple(SHAPES),
         padding_mask=pad,
         multi_scale_features=[],
     )

@@ -158,23 +158,34 @@ def test_position_encoding_2d_formula():
 
 
 def test_position_encoding_2d_equals_encoding_every_pixel():
-    """Encoding each distinct coordinate once and gathering gives exactly the per-pixel
-    encoding, for irregular masks too; the result's token view needs no copy."""
+    """The separable encoding equals encoding every pixel's (y, x) = ((i + 0.5) / h_v,
+    (j + 0.5) / w_v), h_v / w_v the counts of rows / columns holding a valid pixel, for irregular
+    masks too; on the valid part of bottom/right padding it is DETR's cumulative-sum convention;
+    the result's token view needs no copy."""
     g = torch.Generator().manual_seed(0)
     masks = [torch.rand(3, 9, 11, generator=g) > 0.6, torch.zeros(2, 6, 10, dtype=torch.bool),
-             torch.ones(1, 4, 4, dtype=torch.bool)]  # irregular, none padded, all padded
+             torch.ones(1, 4, 4, dtype=torch.bool)]  # irregular, bottom/right padded, all padded
     masks[1][1, 4:, :] = True
     masks[1][1, :, 7:] = True
     for mask in masks:
-        valid = (~mask).float()
-        y, x = valid.cumsum(1), valid.cumsum(2)
-        yx = torch.stack(((y - 0.5) / y[:, -1:].clamp(min=1), (x - 0.5) / x[:, :, -1:].clamp(min=1)), dim=-1)
-        expected = sine_encode(yx, 16).permute(0, 3, 1, 2)  # every pixel encoded
+        n, h, w = mask.shape
+        h_v = (~mask).any(2).sum(1).clamp(min=1).float()
+        w_v = (~mask).any(1).sum(1).clamp(min=1).float()
+        y = ((torch.arange(h) + 0.5)[None, :, None] / h_v[:, None, None]).expand(n, h, w)
+        x = ((torch.arange(w) + 0.5)[None, None, :] / w_v[:, None, None]).expand(n, h, w)
+        expected = sine_encode(torch.stack((y, x), dim=-1), 16).permute(0, 3, 1, 2)  # every pixel encoded
         got = position_encoding_2d(mask, 32)
         # sin/cos of the same angles, evaluated on tensors of other shapes: the vectorised
         # kernel and its scalar tail may differ by an ulp (|values| <= 1)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
         assert got.flatten(2).transpose(1, 2).is_contiguous()
+    mask = masks[1]  # bottom/right padding: valid pixels as DETR's cumulative sums
+    valid = (~mask).float()
+    cy, cx = valid.cumsum(1), valid.cumsum(2)
+    detr = sine_encode(torch.stack(((cy - 0.5) / cy[:, -1:].clamp(min=1), (cx - 0.5) / cx[:, :, -1:].clamp(min=1)),
+                                   dim=-1), 16).permute(0, 3, 1, 2)
+    keep = (~mask)[:, None].expand_as(detr)
+    torch.testing.assert_close(position_encoding_2d(mask, 32)[keep], detr[keep], rtol=0, atol=1e-6)
     rows, cols = (torch.arange(5) + 0.5) / 5, (torch.arange(7) + 0.5) / 7
     yx = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)
     torch.testing.assert_close(position_encoding_2d(None, 32, shape=(2, 5, 7)),

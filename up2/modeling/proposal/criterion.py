@@ -35,13 +35,14 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
 from up2.modeling.proposal.predictions import ProposalDecoderOutput, ProposalPredictions
 from up2.modeling.proposal.matcher import HungarianMatcher, point_sample, uncertain_point_coords
 from up2.structures import ProposalTargets
+from up2.utils.host_sync import to_device
 
-__all__ = ["ProposalCriterion"]
+__all__ = ["ProposalCriterion", "giou_loss"]
 
 Matches = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -50,6 +51,27 @@ def _dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-mask dice loss: logits, targets (M, P) -> (M,)."""
     p = logits.sigmoid()
     return 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
+
+
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``1 - GIoU`` of paired boxes (Rezatofighi et al. 2019), computed with clamps only (no
+    boolean-mask indexing, hence no host synchronisation; torchvision's loss indexes with masks).
+
+    Args:
+        boxes1, boxes2: (M, 4) float xyxy boxes with x2 >= x1, y2 >= y1.
+        eps: added to the union and the enclosing area.
+
+    Returns:
+        (M,) float loss in [0, 2].
+    """
+    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    union = area1 + area2 - inter
+    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return 1 - inter / (union + eps) + (hull - union) / (hull + eps)
 
 
 class ProposalCriterion(nn.Module):
@@ -149,7 +171,7 @@ class ProposalCriterion(nn.Module):
     @staticmethod
     def _normaliser(counts: List[float], device: torch.device) -> torch.Tensor:
         """Counts averaged over ranks, each clamped to >= 1: (len(counts),) float."""
-        t = torch.as_tensor(counts, dtype=torch.float32, device=device)
+        t = to_device(counts, device, torch.float32)
         if comm.get_world_size() > 1:
             torch.distributed.all_reduce(t)
             t = t / comm.get_world_size()
@@ -189,9 +211,8 @@ class ProposalCriterion(nn.Module):
         tgt_boxes = torch.cat([t.boxes[k].to(src_boxes) for t, (_, k) in zip(targets, matches)])
         if src_boxes.numel():
             losses["box"] = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
-            losses["giou"] = generalized_box_iou_loss(
-                box_convert(src_boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"), reduction="sum"
-            ) / num_boxes
+            losses["giou"] = giou_loss(box_convert(src_boxes, "cxcywh", "xyxy"),
+                                       box_convert(tgt_boxes, "cxcywh", "xyxy")).sum() / num_boxes
         else:  # zero, but attached to the graph
             losses["box"] = losses["giou"] = pred.boxes.sum() * 0.0
 
@@ -221,13 +242,20 @@ class ProposalCriterion(nn.Module):
         bce = F.binary_cross_entropy_with_logits(src_points, tgt_points, reduction="none").mean(1)
         return {"mask": bce.sum() / num_masks, "dice": _dice_loss(src_points, tgt_points).sum() / num_masks}
 
-    def _matched_losses(self, pred, targets, num_boxes, num_masks) -> Tuple[Dict[str, torch.Tensor], Matches]:
-        masks = pred.mask_logits() if self.with_masks else None  # (N, Q, Hm, Wm), once for matcher and losses
-        matches = self.matcher(pred.objectness, pred.boxes, targets, masks)
-        obj_target = torch.zeros_like(pred.objectness, dtype=torch.float32)
-        for i, (q, _) in enumerate(matches):
-            obj_target[i, q] = 1.0
-        return self._stage_losses(pred, targets, matches, obj_target, None, num_boxes, num_masks, masks), matches
+    def _matched_losses(self, preds, targets, num_boxes, num_masks) -> List[Tuple[Dict[str, torch.Tensor], Matches]]:
+        """(losses, matches) of each of ``preds`` (ProposalPredictions of the matched stages),
+        matched together (one host round trip, ``HungarianMatcher.match_stages``)."""
+        masks = [pred.mask_logits() if self.with_masks else None for pred in preds]  # once for matcher and losses
+        all_matches = self.matcher.match_stages(
+            [(pred.objectness, pred.boxes, m) for pred, m in zip(preds, masks)], targets)
+        out = []
+        for pred, m, matches in zip(preds, masks, all_matches):
+            obj_target = torch.zeros_like(pred.objectness, dtype=torch.float32)
+            for i, (q, _) in enumerate(matches):
+                obj_target[i, q] = 1.0
+            out.append((self._stage_losses(pred, targets, matches, obj_target, None, num_boxes, num_masks, m),
+                        matches))
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -265,10 +293,13 @@ class ProposalCriterion(nn.Module):
         ], device)
 
         raw: Dict[str, Dict[str, torch.Tensor]] = {}
-        raw["_interm"], _ = self._matched_losses(outputs.interm, targets, norm[0], norm[1])
+        stages = self._stage_suffixes()
+        matched = self._matched_losses([outputs.interm] + [outputs.layers[j] for j, _ in stages], targets,
+                                       norm[0], norm[1])
+        raw["_interm"] = matched[0][0]
         last_matches: Matches = []
-        for j, suffix in self._stage_suffixes():
-            raw[suffix], matches = self._matched_losses(outputs.layers[j], targets, norm[0], norm[1])
+        for (j, suffix), (stage_losses, matches) in zip(stages, matched[1:]):
+            raw[suffix] = stage_losses
             if j == self.num_stages - 1:
                 last_matches = matches
         if self.with_denoising:

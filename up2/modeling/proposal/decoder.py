@@ -255,8 +255,8 @@ class ProposalDecoder(nn.Module):
         Raises:
             ValueError: if the memory's levels disagree with ``num_levels`` or Q is too large.
         """
-        if enc.spatial_shapes.shape[0] != self.num_levels:
-            raise ValueError(f"ProposalDecoder: memory has {enc.spatial_shapes.shape[0]} levels, built for "
+        if len(enc.level_shapes) != self.num_levels:
+            raise ValueError(f"ProposalDecoder: memory has {len(enc.level_shapes)} levels, built for "
                              f"{self.num_levels} (len(MODEL.PROPOSAL.IN_FEATURES))")
         interm, content, ref_boxes = self.select_queries(enc)
         n, q, _ = content.shape
@@ -281,7 +281,7 @@ class ProposalDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             pos = self.ref_point_head(box_sine_encoding(ref_boxes, 2 * self.hidden_dim))
             refs = ref_boxes[:, :, None].expand(-1, -1, self.num_levels, -1)
-            tgt = layer(tgt, pos, refs, enc.memory, enc.spatial_shapes, enc.level_start_index, enc.padding_mask,
+            tgt = layer(tgt, pos, refs, enc.memory, enc.level_shapes, None, enc.padding_mask,
                         attn_mask, key_padding_mask)
             delta = self.box_head(tgt)
             new_boxes = (delta + inverse_sigmoid(ref_boxes)).sigmoid()  # ref_i; its input ref is detached

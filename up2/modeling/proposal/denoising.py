@@ -118,7 +118,7 @@ def build_denoising_queries(
     xyxy = box_convert(base, "cxcywh", "xyxy")
     half_wh = (base[..., 2:] / 2).repeat(1, 1, 1, 1, 2)  # (w/2, h/2, w/2, h/2)
     magnitude = torch.rand(base.shape, device=device, generator=generator)
-    magnitude = magnitude + torch.tensor([0.0, 1.0], device=device).view(1, 1, 2, 1, 1)
+    magnitude = magnitude + torch.arange(2, device=device, dtype=magnitude.dtype).view(1, 1, 2, 1, 1)
     sign = torch.randint(0, 2, base.shape, device=device, generator=generator).float() * 2 - 1
     noised = (xyxy + sign * magnitude * half_wh * box_noise_scale).clamp(0.0, 1.0)
     boxes = box_convert(noised, "xyxy", "cxcywh").reshape(n, t, 4)
@@ -137,12 +137,11 @@ def build_denoising_queries(
     attn_mask[:t, :t] = group_of[:, None] != group_of[None, :]
     attn_mask[t:, :t] = True
 
-    slot = torch.arange(t, device=device)
     positive_matches = []
-    for i in range(n):
-        keep = is_positive & (slot % max_k < counts[i])
-        q_idx = slot[keep]
-        positive_matches.append((q_idx, q_idx % max_k))
+    for i in range(n):  # positives of image i: slots g * 2Km + k of every group g, k < K_i
+        k_idx = torch.arange(counts[i], device=device)
+        q_idx = (torch.arange(groups, device=device)[:, None] * (2 * max_k) + k_idx[None]).flatten()
+        positive_matches.append((q_idx, k_idx.repeat(groups)))
     return DenoisingQueries(
         content=content,
         boxes=boxes,

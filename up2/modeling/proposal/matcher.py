@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -33,6 +34,7 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from up2.structures import ProposalTargets
+from up2.utils.host_sync import to_device
 
 __all__ = ["HungarianMatcher", "point_sample", "uncertain_point_coords", "mask_cost_bce", "mask_cost_dice"]
 
@@ -230,28 +232,62 @@ class HungarianMatcher(nn.Module):
         Raises:
             ValueError: if ``targets`` does not hold N entries or the shapes disagree.
         """
-        n, q = logits.shape
-        if len(targets) != n:
-            raise ValueError(f"HungarianMatcher: got {len(targets)} targets for {n} images")
-        if boxes.shape != (n, q, 4):
-            raise ValueError(f"HungarianMatcher: boxes must be (N={n}, Q={q}, 4), got {tuple(boxes.shape)}")
-        out = []
-        with torch.autocast(device_type=logits.device.type, enabled=False):
-            for i, tgt in enumerate(targets):
-                k = tgt.boxes.shape[0]
-                if k == 0:
-                    empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
-                    out.append((empty, empty.clone()))
-                    continue
-                mp = tp = None
-                if masks is not None and tgt.masks is not None:
-                    coords = torch.rand(1, self.num_points, 2, device=logits.device)
-                    mp = point_sample(masks[i][None].float(), coords)[0]  # (Q, P)
-                    tp = point_sample(tgt.masks[None].to(coords), coords)[0]  # (K, P)
-                cost = self.cost_matrix(logits[i], boxes[i], tgt.boxes.to(boxes.device), mp, tp)
-                rows, cols = linear_sum_assignment(cost.cpu().numpy())
-                out.append((
-                    torch.as_tensor(rows, dtype=torch.int64, device=logits.device),
-                    torch.as_tensor(cols, dtype=torch.int64, device=logits.device),
-                ))
+        return self.match_stages([(logits, boxes, masks)], targets)[0]
+
+    @torch.no_grad()
+    def match_stages(
+        self,
+        stages: Sequence[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+        targets: Sequence[ProposalTargets],
+    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for several decoder stages at once, with one copy of all cost matrices
+        to the host (the Hungarian algorithm runs there, in scipy) and one non-blocking copy of
+        all assignments back: the only host synchronisation of matching.
+
+        Args:
+            stages: per stage (logits (N, Q), boxes (N, Q, 4), masks (N, Q, Hm, Wm) or None), as
+                :meth:`forward` takes them.
+            targets: N ProposalTargets, shared by the stages.
+
+        Returns:
+            per stage, :meth:`forward`'s N (pred_idx, tgt_idx) pairs.
+
+        Raises:
+            ValueError: if ``targets`` does not hold N entries or the shapes disagree.
+        """
+        costs, blocks = [], []  # blocks: (stage, image, Q, K) of each cost matrix in ``costs``
+        for s, (logits, boxes, masks) in enumerate(stages):
+            n, q = logits.shape
+            if len(targets) != n:
+                raise ValueError(f"HungarianMatcher: got {len(targets)} targets for {n} images")
+            if boxes.shape != (n, q, 4):
+                raise ValueError(f"HungarianMatcher: boxes must be (N={n}, Q={q}, 4), got {tuple(boxes.shape)}")
+            with torch.autocast(device_type=logits.device.type, enabled=False):
+                for i, tgt in enumerate(targets):
+                    k = tgt.boxes.shape[0]
+                    if k == 0:
+                        continue
+                    mp = tp = None
+                    if masks is not None and tgt.masks is not None:
+                        coords = torch.rand(1, self.num_points, 2, device=logits.device)
+                        mp = point_sample(masks[i][None].float(), coords)[0]  # (Q, P)
+                        tp = point_sample(tgt.masks[None].to(coords), coords)[0]  # (K, P)
+                    cost = self.cost_matrix(logits[i], boxes[i], tgt.boxes.to(boxes.device), mp, tp)
+                    costs.append(cost.float().flatten())
+                    blocks.append((s, i, q, k))
+        device = stages[0][0].device
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        out = [[(empty, empty.clone()) for _ in targets] for _ in stages]
+        if not costs:
+            return out
+        host = torch.cat(costs).cpu().numpy()  # the one device -> host copy
+        assignments, offset = [], 0
+        for _, _, q, k in blocks:
+            rows, cols = linear_sum_assignment(host[offset:offset + q * k].reshape(q, k))
+            assignments += [rows, cols]
+            offset += q * k
+        flat = to_device(np.concatenate(assignments).astype(np.int64), device)  # the one host -> device copy
+        parts = flat.split([len(a) for a in assignments])
+        for j, (s, i, _, _) in enumerate(blocks):
+            out[s][i] = (parts[2 * j], parts[2 * j + 1])
         return out

@@ -23,6 +23,7 @@ from torch import nn
 from up2.layers.msda import MSDeformAttn
 from up2.modeling.proposal.position_encoding import position_encoding_2d
 from up2.structures import PixelDecoderOutput
+from up2.utils.host_sync import to_device
 
 __all__ = ["MSDeformAttnPixelDecoder", "DeformableEncoderLayer"]
 
@@ -282,14 +283,17 @@ class MSDeformAttnPixelDecoder(nn.Module):
         else:
             flat_mask = None
             valid_ratios = torch.ones(n, len(shapes), 2, device=device)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        sizes = spatial_shapes.prod(1)
-        level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+        shapes = tuple((int(h), int(w)) for h, w in shapes)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        spatial_shapes = to_device(shapes, device, torch.int64)  # for callers that want tensors
+        level_start_index = to_device(starts, device, torch.int64)
         reference_points = self._reference_points(shapes, valid_ratios)
 
         memory = src
         for layer in self.layers:
-            memory = layer(memory, pos, reference_points, spatial_shapes, level_start_index, flat_mask)
+            memory = layer(memory, pos, reference_points, shapes, None, flat_mask)  # host shapes: no sync
 
         multi_scale = [
             chunk.transpose(1, 2).reshape(n, self.hidden_dim, h, w)
@@ -307,6 +311,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             memory=memory,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
+            level_shapes=shapes,
             padding_mask=flat_mask,
             multi_scale_features=multi_scale,
         )

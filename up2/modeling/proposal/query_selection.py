@@ -30,9 +30,9 @@ def pixel_anchors(enc: PixelDecoderOutput) -> Tuple[torch.Tensor, torch.Tensor]:
         anchor lies inside (0.01, 0.99).
     """
     n, s, _ = enc.memory.shape
-    shapes = enc.spatial_shapes.tolist()
-    areas = torch.tensor([h * w for h, w in shapes])
-    rank = torch.argsort(torch.argsort(-areas, stable=True), stable=True).tolist()  # 0 = finest
+    shapes = enc.level_shapes
+    by_area = sorted(range(len(shapes)), key=lambda lvl: -shapes[lvl][0] * shapes[lvl][1])  # stable
+    rank = [by_area.index(lvl) for lvl in range(len(shapes))]  # 0 = finest
     device, anchors = enc.memory.device, []
     for (h, w), r in zip(shapes, rank):
         ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h

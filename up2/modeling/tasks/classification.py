@@ -17,6 +17,7 @@ from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
 from up2.modeling.token_attributes import Modality, input_modalities
 from up2.modeling.decoder_outputs import SPE
+from up2.utils.host_sync import to_device
 
 __all__ = ["ClassificationTask"]
 
@@ -44,7 +45,7 @@ class ClassificationTask(Task):
     def losses(self, model, outputs, targets, inputs, batched_inputs):
         """Raises: KeyError for a training input without "class_id"."""
         logits = model.likelihood(outputs.spe, targets.embeddings)  # (N, C)
-        target = torch.tensor([_class_id(d, i) for i, d in enumerate(batched_inputs)], device=logits.device)
+        target = to_device([_class_id(d, i) for i, d in enumerate(batched_inputs)], logits.device, torch.int64)
         return {"loss_cls": model.likelihood.loss(logits, target, self.spec.loss_weight)}
 
     def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):

@@ -47,13 +47,13 @@ def instances_to_targets(batched_inputs: Sequence[dict], images: ImageList, with
     """
     Hp, Wp = images.tensor.shape[-2:]
     device = images.tensor.device
-    scale = torch.tensor([Wp, Hp, Wp, Hp], dtype=torch.float32, device=device)
     targets = []
     for i, x in enumerate(batched_inputs):
         if "instances" not in x:
             raise KeyError(f"training input {i} ({x.get('file_name', '?')}) has no 'instances'")
         inst = x["instances"].to(device)
-        boxes = box_convert(inst.gt_boxes.tensor.float(), "xyxy", "cxcywh") / scale
+        cx, cy, w, h = box_convert(inst.gt_boxes.tensor.float(), "xyxy", "cxcywh").unbind(-1)
+        boxes = torch.stack((cx / Wp, cy / Hp, w / Wp, h / Hp), dim=-1)
         masks = None
         if with_masks:
             if not inst.has("gt_masks"):
@@ -149,25 +149,25 @@ class DetectionTask(Task):
         Returns:
             {"loss_class": 0-dim float}; an exact, graph-connected zero when nothing matched.
         """
-        N, R = regional_index.shape
-        Q = int(regional_index.max().item()) + 1 if regional_index.numel() else 0
-        feats, labels = [], []
+        feats, labels, kept = [], [], []
         for i, ((pred_idx, tgt_idx), tgt) in enumerate(zip(matches, targets)):
             if pred_idx.numel() == 0:
                 continue
-            slot = torch.full((max(Q, int(pred_idx.max()) + 1),), -1, dtype=torch.long, device=regional_index.device)
-            slot[regional_index[i]] = torch.arange(R, device=regional_index.device)
-            pos = slot[pred_idx.to(slot.device)]
-            kept = pos >= 0
-            feats.append(region_features[i, pos[kept]])
-            labels.append(tgt.labels[tgt_idx.to(tgt.labels.device)][kept])
+            # token of each matched proposal: (M, R) hits; a proposal without a token is masked
+            # out of the mean (no host synchronisation to select the rows)
+            hit = pred_idx.to(regional_index.device)[:, None] == regional_index[i][None, :]
+            kept.append(hit.any(1))
+            feats.append(region_features[i].index_select(0, hit.to(torch.uint8).argmax(1)))
+            labels.append(tgt.labels[tgt_idx.to(tgt.labels.device)])
         if feats:
             logits = likelihood(torch.cat(feats), class_embeddings)
             target = torch.cat(labels).to(logits.device)
+            valid = torch.cat(kept).to(logits.device)
         else:
             logits = likelihood(region_features[:, :0].reshape(0, region_features.shape[-1]), class_embeddings)
             target = torch.zeros(0, dtype=torch.long, device=logits.device)
-        loss = likelihood.loss(logits, target, self.spec.loss_weight)
+            valid = None
+        loss = likelihood.loss(logits, target, self.spec.loss_weight, valid=valid)
         # keep every class embedding in the graph even when nothing matched (DDP-safe)
         return {"loss_class": loss + 0.0 * class_embeddings.sum()}
 

@@ -1,0 +1,85 @@
+"""Host-device synchronisations of one training iteration and one inference forward, counted on
+the CPU with ``up2.utils.host_sync`` (what would block the host on a GPU)."""
+import pytest
+import torch
+from detectron2.utils.events import EventStorage
+
+from conftest import add_task, seed_everything, tiny_cfg
+from up2.engine import UP2Trainer
+from up2.utils.host_sync import count_host_syncs
+
+TASKS = {
+    "instance_segmentation": ("test_shapes_train", "test_shapes_val", {}),
+    "detection": ("test_shapes_train", "test_shapes_val", {}),
+    "classification": ("test_shapes_cls_train", "test_shapes_cls_val", {}),
+    "retrieval": ("test_shapes_caption_train", "test_shapes_caption_val", {}),
+    "captioning": ("test_shapes_caption_train", "test_shapes_caption_val",
+                   {"VOCABULARY": "dataset", "MAX_CAPTION_LENGTH": 6}),
+    "masked_lm": ("test_shapes_text_train", "test_shapes_text_val", {"VOCABULARY": "dataset"}),
+}
+TRAIN_LIMIT = 10  # per training iteration (issue 17 item 2)
+INFERENCE_LIMIT = 5  # per inference forward, besides copying the result out
+
+
+def _trainer(task_type, out_dir):
+    train, test, keys = TASKS[task_type]
+    cfg = tiny_cfg(task_type=None, **{"OUTPUT_DIR": str(out_dir), "SOLVER.OPTIMIZER": "TBGN", "SOLVER.MAX_ITER": 4,
+                                      "MODEL.UNIFIED_DECODER.MOE.ENABLED": True})
+    add_task(cfg, "T", task_type, train, test, IMS_PER_BATCH=2, **keys)
+    cfg.freeze()
+    seed_everything(0)
+    trainer = UP2Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    return trainer
+
+
+def count_training_iteration(trainer):
+    """HostSyncReport of the second training iteration (the first initialises the optimizer state),
+    its batch drawn before counting (data loading stays on the host on a GPU too)."""
+    step = trainer._trainer
+    loader = step.loader
+    with EventStorage(0) as storage:
+        for it in range(2):
+            step.iter = storage.iter = it
+            batch = loader.next_batch(it)
+            original = loader.next_batch
+            loader.next_batch = lambda _it: batch
+            try:
+                if it == 0:
+                    step.run_step()
+                    continue
+                counters = [s["step"] for s in step.optimizer.state.values()
+                            if isinstance(s.get("step"), torch.Tensor)]
+                with count_host_syncs(ignore=counters) as report:
+                    step.run_step()
+            finally:
+                loader.next_batch = original
+    return report
+
+
+@pytest.mark.parametrize("task_type", sorted(TASKS))
+def test_training_iteration_host_syncs(shapes_datasets, tmp_path, task_type):
+    report = count_training_iteration(_trainer(task_type, tmp_path))
+    print(task_type, report.summary(40))
+    assert report.total <= TRAIN_LIMIT, report.summary(40)
+
+
+def count_inference_forward(trainer, task_type):
+    """HostSyncReport of one eval-mode forward of 2 test images (mapped before counting)."""
+    from task_models import mapped_inputs
+
+    model = trainer.model
+    model.eval()
+    inputs = mapped_inputs(trainer.cfg, model, "T", n=2)
+    with torch.no_grad():
+        model(inputs, task="T")  # first call builds caches (class-name / vocabulary targets)
+        with count_host_syncs() as report:
+            model(inputs, task="T")
+    return report
+
+
+@pytest.mark.parametrize("task_type", sorted(TASKS))
+def test_inference_forward_host_syncs(shapes_datasets, tmp_path, task_type):
+    report = count_inference_forward(_trainer(task_type, tmp_path), task_type)
+    print(task_type, report.summary(40))
+    assert report.total <= INFERENCE_LIMIT, report.summary(40)
