@@ -74,6 +74,16 @@ class MultiTaskStep(SimpleTrainer):
                 )
         return loss_dict
 
+    def _optimizer_reports_grad_norm(self) -> bool:
+        """Whether ``optimizer.step()`` leaves the global L2 gradient norm in ``optimizer.grad_norm``
+        (``reports_grad_norm``: TBGN, full-model clipping) and is sure to run (no GradScaler)."""
+        return self.grad_scaler is None and getattr(self.optimizer, "reports_grad_norm", False)
+
+    def _grad_norm(self):
+        """Global L2 norm of the model's gradients (0-dim tensor), or 0.0 when none has one."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else 0.0
+
     def run_step(self):
         assert self.model.training, "[MultiTaskStep] model was changed to eval mode!"
         start = time.perf_counter()
@@ -98,8 +108,11 @@ class MultiTaskStep(SimpleTrainer):
             logged.update({f"{name}/{k}": v.detach() for k, v in loss_dict.items()})
             self.task_counts[name] += 1
         self.after_backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)  # the logged norm is that of the true gradients
+        # the optimizer's own norm (TBGN, full-model clipping) when it computes one, else ours; under
+        # a GradScaler the optimizer may skip its step, so the norm is taken here
+        grad_norm = None if self._optimizer_reports_grad_norm() else self._grad_norm()
 
         if isinstance(self.optimizer, TBGN):
             # unmixed: the sampled task's (s_k, omega_k); mixed: one joint step (s = 1, omega = 1)
@@ -111,6 +124,9 @@ class MultiTaskStep(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+        if grad_norm is None:
+            grad_norm = self.optimizer.grad_norm if self.optimizer.grad_norm is not None else 0.0
 
         self._write_metrics(logged, data_time)
         storage = get_event_storage()

@@ -59,12 +59,17 @@ def _lr_factor(cfg):
 
 def _with_full_model_clipping(optim_cls, max_norm: float, norm_type: float):
     """``optim_cls`` whose ``step`` first clips the gradient norm of ALL parameters together
-    (MaskDINO's "full_model" clipping; detectron2 only clips per parameter)."""
+    (MaskDINO's "full_model" clipping; detectron2 only clips per parameter). The norm before
+    clipping is left in ``grad_norm`` (0-dim tensor); with ``norm_type`` 2 it is the L2 norm the
+    trainer logs (``reports_grad_norm``), so the trainer does not compute it again."""
 
     class FullModelClipped(optim_cls):
+        reports_grad_norm = float(norm_type) == 2.0
+        grad_norm = None
+
         def step(self, closure=None):
             params = [p for group in self.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
             return super().step(closure)
 
     FullModelClipped.__name__ = f"FullModelClipped{optim_cls.__name__}"

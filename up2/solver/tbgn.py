@@ -82,6 +82,9 @@ class TBGN(torch.optim.Optimizer):
     ``step`` not yet), so a checkpoint taken at any point resumes identically.
     """
 
+    #: ``step()`` leaves the global L2 gradient norm in :attr:`grad_norm` (read by the trainer)
+    reports_grad_norm = True
+
     def __init__(
         self,
         params: Iterable,
