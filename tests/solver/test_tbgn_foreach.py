@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from up2.solver import TBGN
+from up2.solver import tbgn as tbgn_module
 
 
 class _LoopTBGN(TBGN):
@@ -99,8 +100,10 @@ def _run(opt_cls, dtypes, normalize=True):
     return snapshots
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_foreach_update_matches_the_per_parameter_loop(normalize):
+@pytest.mark.parametrize("normalize,chunk", [(True, None), (False, None), (True, 20)])
+def test_foreach_update_matches_the_per_parameter_loop(normalize, chunk, monkeypatch):
+    if chunk is not None:  # several foreach calls per bucket (runs of <= 20 elements)
+        monkeypatch.setattr(tbgn_module, "_CHUNK_ELEMENTS", chunk)
     dtypes = [torch.float32] * len(SHAPES)
     new, old = _run(TBGN, dtypes, normalize), _run(_LoopTBGN, dtypes, normalize)
     for step, (snap_new, snap_old) in enumerate(zip(new, old)):

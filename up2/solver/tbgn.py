@@ -44,6 +44,26 @@ def _check_hyper(name: str, value, low: float, high: float = math.inf, high_open
     return v
 
 
+# Parameters per foreach call, in elements: bounds the step's temporaries (the scaled gradient
+# and the denominator of each parameter in the call) to 2 x 16 MB in float32, so they are reused
+# from step to step by the allocator and stay in cache on CPUs, instead of two copies of the model.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(params: List[torch.Tensor], max_elements: int) -> List[List[torch.Tensor]]:
+    """Consecutive runs of ``params`` with at most ``max_elements`` elements in all (a larger
+    parameter forms a run by itself)."""
+    runs: List[List[torch.Tensor]] = []
+    size = max_elements
+    for p in params:
+        if size + p.numel() > max_elements:
+            runs.append([])
+            size = 0
+        runs[-1].append(p)
+        size += p.numel()
+    return runs
+
+
 class TBGN(torch.optim.Optimizer):
     """AdamW with Task-Balanced Gradient Normalization (paper §4.4, its AdamW modification).
 
@@ -219,8 +239,9 @@ class TBGN(torch.optim.Optimizer):
         """One TBGN update of every parameter that has a gradient (see the module docstring).
 
         The update runs as ``torch._foreach_*`` kernels over the parameters of each parameter
-        group grouped by device and dtype; the global norm is computed once, and divided by on
-        the device (no host synchronisation: a zero norm is handled with ``torch.where``).
+        group grouped by device and dtype (in runs of at most 4M elements); the global norm is
+        computed once, and divided by on the device (no host synchronisation: a zero norm is
+        handled with ``torch.where``).
 
         Args:
             closure: optional callable re-evaluating the model and returning the loss
@@ -271,7 +292,9 @@ class TBGN(torch.optim.Optimizer):
                 if p.grad is not None:
                     buckets.setdefault((p.device, p.dtype), []).append(p)
             for (device, _), params in buckets.items():
-                self._update(params, group, sampling_ratio, scale.to(device) if torch.is_tensor(scale) else scale)
+                device_scale = scale.to(device) if torch.is_tensor(scale) else scale
+                for chunk in _chunks(params, _CHUNK_ELEMENTS):
+                    self._update(chunk, group, sampling_ratio, device_scale)
         return loss
 
     def _update(self, params: List[torch.Tensor], group: Dict, sampling_ratio: float, scale) -> None:
