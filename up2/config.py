@@ -146,6 +146,10 @@ def add_up2_config(cfg: CN) -> None:
     cfg.TEST.AMP.ENABLED = False
     cfg.TEST.AMP.DTYPE = "bfloat16"  # "bfloat16" | "float16"
 
+    # ---- GPU training (ours; the trainer applies them when the model is on CUDA) --------------------
+    cfg.CUDA_ALLOW_TF32 = True  # TF32 for float32 matmuls and convolutions; detectron2's CUDNN_BENCHMARK autotunes
+    cfg.DATALOADER.PIN_MEMORY = True  # pinned training batches: the images reach the GPU asynchronously
+
     # ---- Multi-task sampling (paper §4.4) ----------------------------------------------
     cfg.DATALOADER.TASK_SAMPLING = "unmixed"  # one task per iteration on all ranks (paper); "mixed" = ablation
     cfg.DATALOADER.TASK_SAMPLER_SEED = 0  # the draw of iteration t depends only on (seed, t): same on every rank

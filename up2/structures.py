@@ -147,6 +147,10 @@ class TokenBatch:
         segments: named parts of the sequence, name -> slice of the T positions, e.g.
             {"global": slice(0, 50), "regional": slice(50, 150)} for image tokens; g names
             its outputs by them (``up2.modeling.unified_decoder.DecoderOutput``).
+        has_padding: what the producer knows on the host about ``padding_mask``: False = no
+            position is padding (e.g. image tokens of images that fill the padded batch), which
+            lets g attend without a mask (FlashAttention on GPUs); None = unknown (g masks by
+            ``padding_mask``). Never derived from ``padding_mask``, which would wait for the device.
     """
 
     tokens: torch.Tensor
@@ -155,3 +159,4 @@ class TokenBatch:
     attention: TokenAttention = TokenAttention.BIDIRECTIONAL
     prefix_length: Optional[torch.Tensor] = None
     segments: Dict[str, slice] = field(default_factory=dict)
+    has_padding: Optional[bool] = None

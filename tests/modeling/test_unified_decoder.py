@@ -177,3 +177,47 @@ def test_incremental_decoding_rejects_mismatched_caches_and_prefixes():
         cache.reorder(torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="1-D int64"):
         cache.reorder([0, 1])
+
+
+def test_unpadded_bidirectional_batch_attends_without_a_mask(monkeypatch):
+    """has_padding=False: SDPA runs with no mask (FlashAttention can serve on GPUs), and the
+    features, gradients and incremental-decoding cache match the masked path."""
+    import up2.modeling.unified_decoder as ud
+
+    masks = []
+    real = ud.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        masks.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(ud.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    dec = UnifiedDecoder(embed_dim=16, num_layers=2, num_heads=2, ffn_dim=32, dropout=0.0)
+    tokens = torch.randn(3, 7, 16)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    runs = {}
+    for declared in (None, False):
+        masks.clear()
+        x = tokens.clone().requires_grad_(True)
+        out = dec(TokenBatch(tokens=x, padding_mask=pad, has_padding=declared, segments={"all": slice(0, 7)}))
+        (out.features * random_projection(out.features)).sum().backward()
+        runs[declared] = (out.features.detach(), x.grad, [m is None for m in masks])
+    assert runs[None][2] == [False, False] and runs[False][2] == [True, True]
+    torch.testing.assert_close(runs[False][0], runs[None][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[False][1], runs[None][1], rtol=1e-5, atol=1e-5)
+
+    dec.eval()
+    caches = {d: dec.prefill(TokenBatch(tokens=tokens, padding_mask=pad, has_padding=d)) for d in (None, False)}
+    for (k0, v0), (k1, v1) in zip(caches[None].layers, caches[False].layers):
+        torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_and_padded_batches_keep_the_mask():
+    """has_padding=False does not drop the mask of a prefix-causal batch; unknown padding masks."""
+    batch = _batch(pad_last=(0, 0), prefix=torch.tensor([2, 3]), kind=TokenAttention.CAUSAL)
+    batch.has_padding = False
+    mask = build_attention_mask(batch)
+    assert mask is not None and not bool(mask[0, 0, 0, 4])  # the prefix does not see the future
+    assert build_attention_mask(_batch(pad_last=(0, 0))) is not None

@@ -38,8 +38,8 @@ class MultiTaskStep(SimpleTrainer):
 
     Raises:
         ValueError: (at construction) an unknown ``amp_dtype``, or "float16" for a model on the CPU.
-        FloatingPointError: (in run_step) a non-finite loss, naming the task, the loss and the
-            iteration.
+        FloatingPointError: (in run_step, after the iteration's update, as detectron2 checks) a
+            non-finite loss, naming the task, the loss and the iteration.
     """
 
     def __init__(self, model, loader: MultiTaskLoader, optimizer, specs: Mapping[str, TaskSpec], amp_dtype=None):
@@ -69,6 +69,16 @@ class MultiTaskStep(SimpleTrainer):
         with torch.autocast(device_type=device, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
             return self.model(batch, task=name)
 
+    def _optimizer_reports_grad_norm(self) -> bool:
+        """Whether ``optimizer.step()`` leaves the global L2 gradient norm in ``optimizer.grad_norm``
+        (``reports_grad_norm``: TBGN, full-model clipping) and is sure to run (no GradScaler)."""
+        return self.grad_scaler is None and getattr(self.optimizer, "reports_grad_norm", False)
+
+    def _grad_norm(self):
+        """Global L2 norm of the model's gradients (0-dim tensor), or 0.0 when none has one."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else 0.0
+
     def run_step(self):
         assert self.model.training, "[MultiTaskStep] model was changed to eval mode!"
         start = time.perf_counter()
@@ -93,20 +103,11 @@ class MultiTaskStep(SimpleTrainer):
             logged.update({f"{name}/{k}": v.detach() for k, v in loss_dict.items()})
             self.task_counts[name] += 1
         self.after_backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        model = self.model.module if hasattr(self.model, "module") else self.model
-        # The iteration's one copy to the host: every loss, the gradient norm and tau together
-        # (read one by one, each would be a host synchronisation on a GPU).
-        device_values = list(logged.values())
-        device_values.append(torch.nn.utils.get_total_norm(grads) if grads else device_values[0].new_zeros(()))
-        device_values.append(model.likelihood.temperature.detach())
-        host = torch.stack([v.detach().float().reshape(()) for v in device_values]).cpu()
-        logged = dict(zip(logged, host[: len(logged)]))
-        grad_norm, tau = float(host[-2]), float(host[-1])
-        for key, value in logged.items():  # before the update, so a NaN never reaches the weights
-            if not math.isfinite(float(value)):
-                task, _, loss = key.partition("/")
-                raise FloatingPointError(f"non-finite loss {loss}={float(value)} in task {task!r} at iteration {self.iter}")
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)  # the logged norm is that of the true gradients
+        # the optimizer's own norm (TBGN, full-model clipping) when it computes one, else ours; under
+        # a GradScaler the optimizer may skip its step, so the norm is taken here
+        grad_norm = None if self._optimizer_reports_grad_norm() else self._grad_norm()
 
         if isinstance(self.optimizer, TBGN):
             # unmixed: the sampled task's (s_k, omega_k); mixed: one joint step (s = 1, omega = 1)
@@ -118,6 +119,23 @@ class MultiTaskStep(SimpleTrainer):
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+        if grad_norm is None:
+            grad_norm = self.optimizer.grad_norm if self.optimizer.grad_norm is not None else 0.0
+
+        # The iteration's one copy to the host: every loss, the gradient norm and tau together
+        # (read one by one, each would be a host synchronisation on a GPU).
+        model = self.model.module if hasattr(self.model, "module") else self.model
+        device_values = list(logged.values())
+        device_values.append(torch.as_tensor(grad_norm, device=device_values[0].device))
+        device_values.append(model.likelihood.temperature.detach())
+        host = torch.stack([v.detach().float().reshape(()) for v in device_values]).cpu()
+        logged = dict(zip(logged, host[: len(logged)]))
+        grad_norm, tau = float(host[-2]), float(host[-1])
+        for key, value in logged.items():  # as detectron2 checks its losses: after the step
+            if not math.isfinite(float(value)):
+                task, _, loss = key.partition("/")
+                raise FloatingPointError(f"non-finite loss {loss}={float(value)} in task {task!r} at iteration {self.iter}")
 
         self._write_metrics(logged, data_time)
         storage = get_event_storage()

@@ -39,7 +39,7 @@ from up2.modeling.tasks.task_data import TASK_DATA_KEY, check_datasets_registere
 from up2.solver.tbgn import TBGN
 from up2.solver.weight_decay import exclude_from_weight_decay, no_weight_decay_parameters
 
-__all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView"]
+__all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView", "configure_cuda", "pin_memory"]
 
 def build_mapper(cfg, spec: TaskSpec, is_train: bool):
     """The dataset mapper of the task ``spec`` (``Task.build_mapper``)."""
@@ -59,12 +59,17 @@ def _lr_factor(cfg):
 
 def _with_full_model_clipping(optim_cls, max_norm: float, norm_type: float):
     """``optim_cls`` whose ``step`` first clips the gradient norm of ALL parameters together
-    (MaskDINO's "full_model" clipping; detectron2 only clips per parameter)."""
+    (MaskDINO's "full_model" clipping; detectron2 only clips per parameter). The norm before
+    clipping is left in ``grad_norm`` (0-dim tensor); with ``norm_type`` 2 it is the L2 norm the
+    trainer logs (``reports_grad_norm``), so the trainer does not compute it again."""
 
     class FullModelClipped(optim_cls):
+        reports_grad_norm = float(norm_type) == 2.0
+        grad_norm = None
+
         def step(self, closure=None):
             params = [p for group in self.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
             return super().step(closure)
 
     FullModelClipped.__name__ = f"FullModelClipped{optim_cls.__name__}"
@@ -132,6 +137,40 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"cfg.SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW', 'TBGN' or 'SGD'")
 
 
+def configure_cuda(cfg, device) -> bool:
+    """GPU training settings, process-wide, when ``device`` is a CUDA device: TF32 for float32
+    matmuls and cuDNN convolutions (``cfg.CUDA_ALLOW_TF32``; bf16 autocast leaves some matmuls in
+    float32, e.g. the likelihood) and cuDNN autotuning (detectron2's ``cfg.CUDNN_BENCHMARK``: one
+    search per input shape, worth it for the fixed-size LSJ batches). Nothing is changed on
+    other devices.
+
+    Args:
+        cfg: the config (reads CUDA_ALLOW_TF32 and CUDNN_BENCHMARK).
+        device: the model's device (``torch.device`` or str).
+
+    Returns:
+        Whether the settings were applied (``device`` is CUDA).
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    tf32 = bool(cfg.CUDA_ALLOW_TF32)
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+    logging.getLogger(__name__).info(
+        f"CUDA: TF32 for float32 matmuls and convolutions {'on' if tf32 else 'off'} (CUDA_ALLOW_TF32), "
+        f"cudnn.benchmark {'on' if cfg.CUDNN_BENCHMARK else 'off'} (CUDNN_BENCHMARK)")
+    return True
+
+
+def pin_memory(cfg) -> bool:
+    """Whether the training loaders pin their batches (``cfg.DATALOADER.PIN_MEMORY``), which
+    makes the model's non-blocking image copies asynchronous: only for a CUDA model on a
+    machine with CUDA (pinning needs it)."""
+    return bool(cfg.DATALOADER.PIN_MEMORY) and torch.device(cfg.MODEL.DEVICE).type == "cuda" \
+        and torch.cuda.is_available()
+
+
 def _default_spec(cfg) -> TaskSpec:
     specs = task_specs_from_config(cfg)
     name = default_task_name(cfg, specs)
@@ -187,12 +226,15 @@ class UP2Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         self.specs = task_specs_from_config(cfg)
         model = self.build_model(cfg)
+        configure_cuda(cfg, next(model.parameters()).device)
         optimizer = self.build_optimizer(cfg, model)
         loader = self.build_train_loader(cfg)
-        # tasks use different parameters; every rank runs the same task, so DDP can skip the unused ones
+        # tasks use different parameters; every rank runs the same task, so DDP can skip the unused ones.
+        # gradient_as_bucket_view: the gradients are views of DDP's all-reduce buckets (no copy, one
+        # gradient-sized buffer less); parameters unused on every rank keep grad None as before.
         on_cpu = next(model.parameters()).device.type == "cpu"  # gloo on CPU: DDP wants device_ids=None
         model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True,
-                                 **({"device_ids": None} if on_cpu else {}))
+                                 gradient_as_bucket_view=True, **({"device_ids": None} if on_cpu else {}))
         amp = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MultiTaskStep(model, loader, optimizer, self.specs, amp_dtype=amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -240,13 +282,16 @@ class UP2Trainer(DefaultTrainer):
 
     def state_dict(self):
         """detectron2's trainer state + the task sampler and the RNG states (augmentation,
-        dropout, masking draw from them), so that ``--resume`` continues exactly."""
+        dropout, masking draw from them: torch's CPU generator, numpy, python, and the current
+        CUDA device's generator when CUDA is in use), so that ``--resume`` continues exactly."""
         ret = super().state_dict()
         ret["task_sampler"] = self._trainer.loader.state_dict()
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
         # plain tensors / tuples only, so torch.load(weights_only=True) accepts the checkpoint
         ret["rng"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            ret["rng"]["cuda"] = torch.cuda.get_rng_state()  # the current device's (dropout on the GPU)
         return ret
 
     def load_state_dict(self, state_dict):
@@ -262,6 +307,9 @@ class UP2Trainer(DefaultTrainer):
             kind, keys, pos, has_gauss, gauss = state_dict["rng"]["numpy"]
             np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
             random.setstate(state_dict["rng"]["python"])
+            cuda = state_dict["rng"].get("cuda")  # absent: a CPU run, or a checkpoint from before it was saved
+            if cuda is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(cuda)
         world = comm.get_world_size()
         for name, count in self._trainer.task_counts.items():
             loader.index_samplers[name].skip = count * (self.specs[name].ims_per_batch // world)
@@ -285,6 +333,7 @@ class UP2Trainer(DefaultTrainer):
                 total_batch_size=spec.ims_per_batch,
                 aspect_ratio_grouping=localization,
                 num_workers=cfg.DATALOADER.NUM_WORKERS,
+                pin_memory=pin_memory(cfg),
             )
         # canonical task order: the unmixed draw maps a uniform number to a task through this order,
         # and YAML dumps (e.g. OUTPUT_DIR/config.yaml) sort keys, so config order must not matter

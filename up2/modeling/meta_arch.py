@@ -228,7 +228,8 @@ class UniPerceiverV2(nn.Module):
             if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
                 got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
                 raise ValueError(f"input {i}: 'image' must be a (3, H, W) tensor, got {got}")
-            images.append((img.to(self.device).float() - self.pixel_mean) / self.pixel_std)
+            # non_blocking: asynchronous from pinned batches (DATALOADER.PIN_MEMORY); same result otherwise
+            images.append((img.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std)
         images = _pad_to_batch(images, self.size_divisibility)
         if self._backbone_channels_last():
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)

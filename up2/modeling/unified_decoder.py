@@ -25,18 +25,25 @@ __all__ = ["UnifiedDecoder", "UnifiedDecoderLayer", "DecoderCache", "DecoderOutp
 
 
 
-def build_attention_mask(batch: TokenBatch) -> torch.Tensor:
-    """Boolean "may attend" mask for ``F.scaled_dot_product_attention``.
+def build_attention_mask(batch: TokenBatch) -> Optional[torch.Tensor]:
+    """Boolean "may attend" mask for ``F.scaled_dot_product_attention``, or None for none.
 
     Args:
         batch: tokens (B, T, d), padding_mask (B, T) bool (True = pad), attention kind and,
-            for CAUSAL, prefix_length (B,) int64 (None = no bidirectional prefix).
+            for CAUSAL, prefix_length (B,) int64 (None = no bidirectional prefix); has_padding.
 
     Returns:
-        (B, 1, T, T) bool, True where query t may attend key s. Padding keys are masked;
-        every token may attend itself, so no row is empty (padded rows stay finite).
+        None for a BIDIRECTIONAL batch declared free of padding (``has_padding=False``): every
+        token attends every token, and attention without a mask lets SDPA pick FlashAttention
+        on GPUs. Otherwise (B, 1, T, T) bool, True where query t may attend key s. Padding keys
+        are masked; every token may attend itself, so no row is empty (padded rows stay finite).
 
+    Prefix-causal (CAUSAL) batches keep the dense mask: ``flex_attention``'s block masks would
+    avoid it, but flex_attention has no attention dropout (g trains with it) and without
+    ``torch.compile`` it materialises the full score matrix, on the CPU too.
     """
+    if batch.attention is TokenAttention.BIDIRECTIONAL and batch.has_padding is False:
+        return None
     B, T = batch.padding_mask.shape
     device = batch.padding_mask.device
     allowed = (~batch.padding_mask)[:, None, :].expand(B, T, T)
@@ -86,10 +93,10 @@ class UnifiedDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, attributes=None
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], attributes=None
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend); attributes: (B, T, A)
-        or None. Returns ((B, T, d), the FFN's auxiliary loss (0-dim) or None)."""
+        """x: (B, T, d); attn_mask: (B, 1, T, T) bool (True = may attend), or None (all may);
+        attributes: (B, T, A) or None. Returns ((B, T, d), the FFN's auxiliary loss (0-dim) or None)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(
@@ -100,12 +107,13 @@ class UnifiedDecoderLayer(nn.Module):
         return self.norm2(x + self.dropout(y)), aux
 
     def forward_cached(self, x: torch.Tensor, past: Optional[Tuple[torch.Tensor, torch.Tensor]],
-                       attn_mask: torch.Tensor, attributes=None, need_output: bool = True):
+                       attn_mask: Optional[torch.Tensor], attributes=None, need_output: bool = True):
         """``forward`` for new tokens over the keys / values of earlier ones (eval, no dropout).
 
         Args:
             x: (B, t, d) the new tokens.  past: keys and values (B, H, S, d / H) of the S earlier
-                tokens, or None (S = 0).  attn_mask: (B, 1, t, S + t) bool, True = may attend.
+                tokens, or None (S = 0).  attn_mask: (B, 1, t, S + t) bool, True = may attend
+                (None: all may).
             attributes: (B, t, A) or None.  need_output: False computes only the keys and values.
 
         Returns:
@@ -207,6 +215,7 @@ class UnifiedDecoder(nn.Module):
             attention=batch.attention,
             prefix_length=prefix,
             segments=segments,
+            has_padding=batch.has_padding,  # [SPE] is never padding
         )
 
     def forward(self, batch: TokenBatch, read: Optional[Sequence[str]] = None) -> "DecoderOutput":

@@ -28,6 +28,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from up2.utils.host_sync import cpu_only
+
 __all__ = ["TBGN"]
 
 
@@ -42,6 +44,26 @@ def _check_hyper(name: str, value, low: float, high: float = math.inf, high_open
         bound = f"[{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"TBGN: {name} must be finite and in {bound}, got {value!r}")
     return v
+
+
+# Parameters per foreach call, in elements: bounds the step's temporaries (the scaled gradient
+# and the denominator of each parameter in the call) to 2 x 16 MB in float32, so they are reused
+# from step to step by the allocator and stay in cache on CPUs, instead of two copies of the model.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunks(params: List[torch.Tensor], max_elements: int) -> List[List[torch.Tensor]]:
+    """Consecutive runs of ``params`` with at most ``max_elements`` elements in all (a larger
+    parameter forms a run by itself)."""
+    runs: List[List[torch.Tensor]] = []
+    size = max_elements
+    for p in params:
+        if size + p.numel() > max_elements:
+            runs.append([])
+            size = 0
+        runs[-1].append(p)
+        size += p.numel()
+    return runs
 
 
 class TBGN(torch.optim.Optimizer):
@@ -82,6 +104,9 @@ class TBGN(torch.optim.Optimizer):
     ``step`` not yet), so a checkpoint taken at any point resumes identically.
     """
 
+    #: ``step()`` leaves the global L2 gradient norm in :attr:`grad_norm` (read by the trainer)
+    reports_grad_norm = True
+
     def __init__(
         self,
         params: Iterable,
@@ -95,6 +120,8 @@ class TBGN(torch.optim.Optimizer):
             raise ValueError(f"TBGN: normalize must be a bool, got {normalize!r}")
         self.normalize = normalize
         self._task: Optional[Tuple[float, float]] = None
+        self._grad_norm: Optional[torch.Tensor] = None
+        self._unchecked_norm = None  # (host copy of a CUDA norm, its copy event): checked at the next step
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
 
@@ -159,27 +186,66 @@ class TBGN(torch.optim.Optimizer):
             self.set_task(*task)
 
     # ---- the update ---------------------------------------------------------------------
-    def _grad_scale(self, grads: List[torch.Tensor], grad_weight: float) -> float:
-        """omega_k / ||grads|| (global L2 norm), or omega_k when not normalising or the norm is 0.
+    @property
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """The global L2 norm of the gradients the last ``step()`` used (0-dim, float32 or wider,
+        on the device of the first gradient; unscaled, before the division), or None before the
+        first step. Computed with ``normalize=False`` too, so a trainer can log it without
+        computing it again; reading it as a number waits for the device."""
+        return self._grad_norm
 
-        Raises:
-            FloatingPointError: the gradient norm is NaN or infinite.
-        """
-        if not self.normalize:
-            return grad_weight
-        # one norm over all parameters (grouped by device/dtype by torch itself), at least fp32
-        total = torch.nn.utils.get_total_norm([g.float() if g.element_size() < 4 else g for g in grads])
-        norm = float(total)  # one host sync per step
+    def _raise_if_not_finite(self, norm: float, when: str) -> None:
         if not math.isfinite(norm):
             raise FloatingPointError(
-                f"TBGN: the global gradient norm is {norm} (non-finite gradients); "
+                f"TBGN: the global gradient norm {when} is {norm} (non-finite gradients); "
                 "check the loss of the sampled task or use a GradScaler that skips such steps"
             )
-        return grad_weight if norm == 0.0 else grad_weight / norm
+
+    def _check_previous_norm(self) -> None:
+        """Raise for a non-finite norm of the previous step whose check was deferred (CUDA)."""
+        if self._unchecked_norm is None:
+            return
+        host, event = self._unchecked_norm
+        self._unchecked_norm = None
+        event.synchronize()  # recorded a whole step ago: done by now, no wait for the queue
+        self._raise_if_not_finite(float(host), "of the previous step")
+
+    def _defer_finite_check(self, norm: torch.Tensor) -> None:
+        """Check ``norm`` now when it is on the CPU; on CUDA copy it to the host without waiting
+        and check it at the next ``step()`` (an immediate check would stall the host until the
+        whole backward pass has run)."""
+        if norm.device.type == "cuda":
+            host = norm.detach().to("cpu", non_blocking=True)  # pinned destination: asynchronous
+            event = torch.cuda.Event()
+            event.record()
+            self._unchecked_norm = (host, event)
+        else:
+            with cpu_only():  # reading a CPU value: free, and a CUDA run takes the branch above
+                value = float(norm)
+            self._raise_if_not_finite(value, "at this step")
+
+    @staticmethod
+    def _global_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+        """L2 norm over all ``grads`` (0-dim, on the first gradient's device): one foreach norm
+        per (device, dtype) (16-bit gradients accumulated in float32), then one norm of the stack."""
+        buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
+        for g in grads:
+            buckets.setdefault((g.device, g.dtype), []).append(g)
+        first = grads[0].device
+        norms = []
+        for (_, dtype), bucket in buckets.items():
+            wide = torch.float32 if torch.finfo(dtype).bits < 32 else None
+            norms.extend(n.to(first) for n in torch._foreach_norm(bucket, 2, dtype=wide))
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One TBGN update of every parameter that has a gradient (see the module docstring).
+
+        The update runs as ``torch._foreach_*`` kernels over the parameters of each parameter
+        group grouped by device and dtype (in runs of at most 4M elements); the global norm is
+        computed once, and divided by on the device (no host synchronisation: a zero norm is
+        handled with ``torch.where``).
 
         Args:
             closure: optional callable re-evaluating the model and returning the loss
@@ -191,8 +257,11 @@ class TBGN(torch.optim.Optimizer):
         Raises:
             RuntimeError: no task was set with :meth:`set_task` since the previous step;
                 a sparse gradient.
-            FloatingPointError: non-finite global gradient norm (with ``normalize=True``).
+            FloatingPointError: non-finite global gradient norm (with ``normalize=True``):
+                raised by this step when the gradients are on the CPU; on CUDA the check is
+                deferred to the next ``step()`` (the update with that norm has been applied).
         """
+        self._check_previous_norm()
         if self._task is None:
             raise RuntimeError(
                 "TBGN.step() called with no task: call set_task(sampling_ratio=s_k, grad_weight=omega_k) "
@@ -210,32 +279,58 @@ class TBGN(torch.optim.Optimizer):
                 raise RuntimeError("TBGN does not support sparse gradients")
         self._task = None
         if not grads:
+            self._grad_norm = None
             return loss
-        scale = self._grad_scale(grads, grad_weight)
+        norm = self._global_norm(grads)
+        self._grad_norm = norm
+        if self.normalize:
+            self._defer_finite_check(norm)
+            # omega_k / ||grad||, or omega_k when the norm is 0 (on the device: no host sync)
+            scale = torch.where(norm > 0, grad_weight / norm, torch.full_like(norm, grad_weight))
+        else:
+            scale = grad_weight
 
         for group in self.param_groups:
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            b1, b2 = group["betas"]
+            buckets: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m, n = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = float(state["step"])
-
-                g = p.grad.mul(scale)
-                m.mul_(b1).add_(g, alpha=(1.0 - b1) / sampling_ratio)
-                n.mul_(b2).addcmul_(g, g, value=(1.0 - b2) / sampling_ratio)
-
-                bias1 = 1.0 - b1**t
-                bias2 = 1.0 - b2**t
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)
-                denom = (n.sqrt() / math.sqrt(bias2)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / bias1)
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for (device, _), params in buckets.items():
+                device_scale = scale.to(device) if torch.is_tensor(scale) else scale
+                for chunk in _chunks(params, _CHUNK_ELEMENTS):
+                    self._update(chunk, group, sampling_ratio, device_scale)
         return loss
+
+    def _update(self, params: List[torch.Tensor], group: Dict, sampling_ratio: float, scale) -> None:
+        """The module docstring's update of ``params`` (one device and dtype, one group), with
+        ``scale`` = omega_k / ||grad|| (0-dim tensor on their device, or a float)."""
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        b1, b2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        m = [s["exp_avg"] for s in states]
+        n = [s["exp_avg_sq"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        # per-parameter step counts (CPU tensors): bias corrections as host scalars
+        t = torch.stack(steps).tolist()
+        step_size = [-lr / (1.0 - b1**ti) for ti in t]
+        bias2_sqrt = [math.sqrt(1.0 - b2**ti) for ti in t]
+
+        g = torch._foreach_mul([p.grad for p in params], scale)
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, g, alpha=(1.0 - b1) / sampling_ratio)
+        torch._foreach_mul_(n, b2)
+        torch._foreach_addcmul_(n, g, g, value=(1.0 - b2) / sampling_ratio)
+        del g
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        denom = torch._foreach_sqrt(n)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, step_size)
