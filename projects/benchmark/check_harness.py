@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _STATUS = re.compile(r"^RESULT section=(\S+) status=(ok|failed|skipped)(.*)$")
-_MEASURE = re.compile(r"^RESULT (\S+)((?: \S+=\S+)*) (\S+)$")
+_MEASURE = re.compile(r"^RESULT (\S+)((?: \S+=\S+)*) ([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))$")
 
 
 class Skipped(Exception):
@@ -109,8 +109,13 @@ class Report:
         return {r["section"]: r["status"] for r in self.lines if "section" in r}
 
     def to_json(self, path: str) -> None:
+        """The lines as strict JSON (a non-finite value as the string "nan" / "inf" / "-inf")."""
+        def strict(r):
+            v = r.get("value")
+            return {**r, "value": str(v)} if isinstance(v, float) and not math.isfinite(v) else r
+
         with open(path, "w") as f:
-            json.dump(self.lines, f, indent=1)
+            json.dump([strict(r) for r in self.lines], f, indent=1, allow_nan=False)
 
 
 class _Tee(io.TextIOBase):
@@ -155,11 +160,14 @@ def tee_to(path: Optional[str]):
         old = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(old[0], log), _Tee(old[1], log)
         handler.setStream(sys.stdout)
-        faulthandler.enable(file=log)
+        ours = not faulthandler.is_enabled()  # (pytest, PYTHONFAULTHANDLER: leave theirs alone)
+        if ours:
+            faulthandler.enable(file=log)
         try:
             yield
         finally:
-            faulthandler.disable()
+            if ours:
+                faulthandler.disable()
             sys.stdout, sys.stderr = old
             root.removeHandler(handler)
             root.setLevel(old_level)
