@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from projects.benchmark import check_harness as harness
-from projects.benchmark import gpu_check
+from projects.benchmark import gpu_check, gpu_sections
 
 # tools/ is not a package (and detectron2's wheel installs an unrelated top-level "tools"): load the script by path
 _spec = importlib.util.spec_from_file_location("gpu_wheels", os.path.join(harness.REPO, "tools", "gpu_wheels.py"))
@@ -172,13 +172,13 @@ def test_sync_section_counts_and_ranks_call_sites(monkeypatch, capsys):
         stack = [f for f in __import__("traceback").extract_stack()]
         return out, [harness.CapturedWarning("called a synchronizing CUDA operation", "UserWarning", stack)] * 3
 
-    monkeypatch.setattr(gpu_check, "_counted_syncs", counted)
+    monkeypatch.setattr(gpu_sections, "_counted_syncs", counted)
     args = gpu_check.parse_args(["--reduced", "--cpu", "--tasks", "DETECTION"])
     gpu_check._fill_defaults(args, cuda=False)
     report = harness.Report()
-    ck = gpu_check.Check(args, report)
+    ck = gpu_sections.Check(args, report)
     monkeypatch.setattr(ck, "require_cuda", lambda: None)
-    assert harness.run_section(report, "sync", lambda: gpu_check.section_sync(ck), 120) == "ok"
+    assert harness.run_section(report, "sync", lambda: gpu_sections.section_sync(ck), 120) == "ok"
     counts = {(r["keys"]["task"], r["keys"]["mode"]): r["value"] for r in report.lines if r.get("metric") == "sync.count"}
     assert counts == {("DETECTION", "train"): 3, ("DETECTION", "infer"): 3}
     assert len(calls) == 3  # the probe, one training step, one inference forward
