@@ -211,19 +211,25 @@ def load_config(config: str):
     return cfg
 
 
+def random_weights_cfg(cfg, text_encoder: str, device: str = "cpu"):
+    """``cfg`` set up for random weights on ``device`` (text encoder from the folder
+    ``text_encoder``, no backbone weights), its tasks' class names and vocabularies resolved."""
+    from up2.modeling.tasks import resolve_task_data
+
+    cfg.MODEL.TEXT_ENCODER.NAME = text_encoder
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""  # the paper configs name pretrained backbones; this measures random ones
+    cfg.MODEL.BACKBONE.RANDOM_INIT = True
+    return resolve_task_data(cfg)
+
+
 def build(config: str, roberta: str, vocab_tokens: int):
     import torch
     from detectron2.modeling import build_model
 
     from up2.engine.trainer import build_optimizer
-    from up2.modeling.tasks import resolve_task_data
 
-    cfg = load_config(config)
-    cfg.MODEL.TEXT_ENCODER.NAME = roberta
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""  # the paper configs name pretrained backbones; this measures random ones
-    cfg.MODEL.BACKBONE.RANDOM_INIT = True
-    cfg = resolve_task_data(cfg)
+    cfg = random_weights_cfg(load_config(config), roberta)
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()

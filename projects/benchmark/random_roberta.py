@@ -8,10 +8,15 @@ import os
 ROBERTA_BASE_VOCAB = 50265
 
 
-def write_random_roberta_base(folder: str, corpus, vocab_size: int = ROBERTA_BASE_VOCAB) -> None:
+def write_random_roberta_base(folder: str, corpus, vocab_size: int = ROBERTA_BASE_VOCAB, weights: bool = True,
+                              **architecture) -> None:
     """Saves model and tokenizer to ``folder`` (loadable by ``from_pretrained``). Special ids:
     <s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last. The merges are trained on ``corpus`` (so its
-    words get realistic token counts), then two-symbol merges fill the vocabulary up."""
+    words get realistic token counts), then two-symbol merges fill the vocabulary up.
+
+    ``weights=False`` saves the config only (for ``MODEL.TEXT_ENCODER.RANDOM_INIT``, which
+    initialises the model itself); ``architecture`` overrides ``RobertaConfig`` fields (e.g.
+    ``num_hidden_layers=2, hidden_size=64`` for a tiny encoder)."""
     from tokenizers import ByteLevelBPETokenizer, pre_tokenizers
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
@@ -30,4 +35,8 @@ def write_random_roberta_base(folder: str, corpus, vocab_size: int = ROBERTA_BAS
         merges.append((a, b))
     vocab["<mask>"] = len(vocab)
     RobertaTokenizerFast(vocab=vocab, merges=merges, model_max_length=512).save_pretrained(folder)  # roberta-base's limit
-    RobertaModel(RobertaConfig(vocab_size=vocab_size)).save_pretrained(folder)
+    config = RobertaConfig(vocab_size=vocab_size, **architecture)
+    if weights:
+        RobertaModel(config).save_pretrained(folder)
+    else:
+        config.save_pretrained(folder)
