@@ -131,7 +131,10 @@ def test_decoder_cache_reorder_follows_the_sequences():
     out, _ = dec.extend(swapped, text[[1, 0], 1:2], txt_attr[:, 1:2])
     expected = dec(full).features[:, 1 + prefix.tokens.shape[1] + 1]
     torch.testing.assert_close(out[:, 0], expected[[1, 0]], rtol=0, atol=1e-5)
-    assert cache.reorder(torch.tensor([0, 1])) is cache  # identity: no copy
+    same = cache.reorder(torch.tensor([0, 1]))
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(same.layers, cache.layers))
+    with pytest.raises(ValueError, match="index values"):
+        cache.reorder(torch.tensor([0, 2]))
     doubled = cache.reorder(torch.tensor([1, 1]))
     for (k, _), (k0, _) in zip(doubled.layers, cache.layers):
         assert torch.equal(k[0], k[1]) and torch.equal(k[0], k0[1])

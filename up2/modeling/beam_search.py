@@ -25,7 +25,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["BeamSearchOutput", "beam_search", "normalized_scores", "check_beam_int"]
+from up2.utils.host_sync import to_device
+
+__all__ = ["BeamSearchOutput", "beam_search", "normalized_scores", "check_beam_int", "EARLY_STOP_EVERY"]
+
+EARLY_STOP_EVERY = 8  # steps between the host checks whether every beam has ended
 
 # step(generated (N*K, t) int64 target indices, parents (N*K,) int64 or None) -> (N*K, V) log-probs
 StepFn = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -109,30 +113,32 @@ def beam_search(step: StepFn, batch_size: int, beam_size: int, max_length: int, 
         raise ValueError(f"length_penalty must be a finite float >= 0, got {length_penalty!r}")
     if len(end_indices) == 0:
         raise ValueError("end_indices is empty: beam search needs at least one target that ends a sequence")
-    ends = torch.as_tensor(list(end_indices), dtype=torch.long, device=device)
+    ends = to_device(list(end_indices), device, torch.long)
     rows = torch.arange(N, device=device)[:, None] * K  # (N, 1) first row of each image
     scores = torch.full((N, K), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam per image at the start
     done = torch.zeros(N * K, dtype=torch.bool, device=device)
     generated = torch.zeros(N * K, 0, dtype=torch.long, device=device)
     parents = None
-    for _ in range(max_length):
+    for t in range(max_length):
         logp = step(generated, parents)
         if logp.dim() != 2 or logp.shape[0] != N * K:
             raise ValueError(f"step must return (N*K, V) = ({N * K}, V) log-probabilities, got {tuple(logp.shape)}")
         V = logp.shape[1]
         logp = logp.float()
-        if done.any():  # finished beams extend with the filler at no cost
-            filler = torch.full((V,), float("-inf"), device=logp.device)
-            filler[filler_index] = 0.0
-            logp = torch.where(done[:, None], filler, logp)
+        # finished beams extend with the filler at no cost (a select: no host check whether any is)
+        filler = torch.full((V,), float("-inf"), device=logp.device)
+        filler[filler_index] = 0.0
+        logp = torch.where(done[:, None], filler, logp)
         cand = (scores[:, :, None] + logp.view(N, K, V)).view(N, K * V)
         scores, flat = cand.topk(K, dim=1)  # sorted, per image
         parents = (torch.div(flat, V, rounding_mode="floor") + rows).flatten()
         token = (flat % V).flatten()
         generated = torch.cat([generated[parents], token[:, None]], dim=1)
         done = done[parents] | torch.isin(token, ends)
-        if bool(done.all()):
+        # stopping early needs the host to read ``done`` (a GPU synchronisation): look every
+        # EARLY_STOP_EVERY steps only; steps after every beam ended change nothing (filler, cost 0)
+        if (t + 1) % EARLY_STOP_EVERY == 0 and bool(done.all()):
             break
     lengths = _sequence_lengths(generated, ends).view(N, K)
     final = normalized_scores(scores, lengths, lp)  # (N, K)

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from up2.utils.host_sync import device_assert
+
 __all__ = ["SPE", "DecoderOutput", "DecoderCache", "segment_span"]
 
 SPE = "spe"  # the name of g's sequence-level output, position 0 (paper §4.3)
@@ -80,8 +82,8 @@ class DecoderCache:
     padding_mask: torch.Tensor
 
     def reorder(self, index: torch.Tensor) -> "DecoderCache":
-        """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams
-        (``self`` itself, uncopied, when ``index`` is 0 .. B-1, as in greedy decoding).
+        """The cache of sequences ``index`` (B',) int64, e.g. the parents of the kept beams (a
+        copy; a caller whose index is 0 .. B-1 by construction, as greedy decoding, skips the call).
 
         Raises:
             ValueError: ``index`` not a 1-D int64 tensor of values in [0, B).
@@ -89,10 +91,7 @@ class DecoderCache:
         B = self.padding_mask.shape[0]
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.long:
             raise ValueError(f"DecoderCache.reorder: index must be a 1-D int64 tensor, got {index!r}")
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= B):
-            raise ValueError(f"DecoderCache.reorder: index values must be in [0, {B}), got "
-                             f"[{int(index.min())}, {int(index.max())}]")
-        if index.numel() == B and torch.equal(index, torch.arange(B, device=index.device)):
-            return self
+        if index.numel():
+            device_assert((index >= 0) & (index < B), f"DecoderCache.reorder: index values must be in [0, {B})")
         return DecoderCache([(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers],
                             self.padding_mask.index_select(0, index))

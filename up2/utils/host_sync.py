@@ -85,9 +85,9 @@ def cpu_only():
 
 
 def to_device(data, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Host data (a list, numpy array or CPU tensor) as a tensor on ``device`` without blocking
-    the host: on CUDA through pinned memory with a non-blocking copy."""
-    device = torch.device(device)
+    """Host data (a list, numpy array or CPU tensor) as a tensor on ``device`` (None: the CPU)
+    without blocking the host: on CUDA through pinned memory with a non-blocking copy."""
+    device = torch.device("cpu") if device is None else torch.device(device)
     if isinstance(data, torch.Tensor):
         host = data.to(dtype=dtype) if dtype is not None else data
     else:
@@ -208,8 +208,9 @@ def count_host_syncs(ignore: Optional[Iterable[torch.Tensor]] = None) -> Iterato
     ``index_put``), and calls of ``Tensor.tolist`` / ``.cpu`` / ``.numpy`` and of
     ``torch.tensor`` / ``torch.as_tensor`` with an explicit ``device`` (``as_tensor`` of a tensor
     already there is free and not counted). Not counted: copies made with ``.to(device)``, and reads
-    of host tensors: what ``.cpu()`` returned (a copy, as on a GPU) and what ``torch.tensor`` /
-    ``torch.as_tensor`` built from Python data without a device.
+    of host tensors: what ``.cpu()`` returned (a copy, as on a GPU), what ``torch.tensor`` /
+    ``torch.as_tensor`` built from Python data without a device, ``torch.from_numpy`` arrays,
+    and what ops computed from host tensors only.
 
     Args:
         ignore: tensors that stay on the host in a GPU run as well (their storage is compared), e.g.
@@ -262,6 +263,15 @@ def count_host_syncs(ignore: Optional[Iterable[torch.Tensor]] = None) -> Iterato
         wrap_method(name)
     for name in ("tensor", "as_tensor"):
         wrap_factory(name)
+    original_from_numpy = torch.from_numpy
+
+    def from_numpy(array):
+        out = original_from_numpy(array)
+        ignored.add(out)  # numpy data: on the host
+        return out
+
+    patched.append((torch, "from_numpy", original_from_numpy))
+    torch.from_numpy = from_numpy
     try:
         with _SyncMode(report, ignored):
             yield report

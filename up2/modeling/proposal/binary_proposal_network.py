@@ -25,6 +25,7 @@ from up2.modeling.proposal.criterion import ProposalCriterion
 from up2.modeling.proposal.decoder import ProposalDecoder
 from up2.modeling.proposal.pixel_decoder import MSDeformAttnPixelDecoder
 from up2.structures import ProposalOutput, ProposalTargets
+from up2.utils.host_sync import device_assert
 
 __all__ = ["BinaryProposalNetwork"]
 
@@ -68,9 +69,9 @@ class BinaryProposalNetwork(nn.Module):
             if t.boxes.dim() != 2 or t.boxes.shape[-1] != 4:
                 raise ValueError(f"targets[{i}].boxes must be (K, 4) normalised cxcywh, got {tuple(t.boxes.shape)}")
             k = t.boxes.shape[0]
-            if k and not bool(((t.boxes >= 0) & (t.boxes <= 1)).all()):
-                raise ValueError(f"targets[{i}].boxes must be normalised cxcywh in [0, 1] w.r.t. the padded "
-                                 f"image, got values in [{float(t.boxes.min())}, {float(t.boxes.max())}]")
+            if k:
+                device_assert((t.boxes >= 0) & (t.boxes <= 1),
+                              f"targets[{i}].boxes must be normalised cxcywh in [0, 1] w.r.t. the padded image")
             masks = t.masks
             if masks is not None:
                 if masks.dim() != 3 or masks.shape[0] != k:

@@ -43,6 +43,7 @@ from up2.modeling.proposal.position_encoding import box_sine_encoding
 from up2.modeling.proposal.predictions import MLP, ProposalDecoderOutput, ProposalPredictions, inverse_sigmoid
 from up2.modeling.proposal.query_selection import boxes_from_mask_embed, pixel_anchors
 from up2.structures import PixelDecoderOutput
+from up2.utils.host_sync import device_assert
 
 # the predictions and heads are defined in ``predictions``; importable from here as before
 __all__ = ["ProposalDecoder", "proposal_masks_supervised", "ProposalPredictions", "ProposalDecoderOutput", "MLP",
@@ -214,14 +215,13 @@ class ProposalDecoder(nn.Module):
             cxcywh reference boxes (from the selected queries' masks with ``init_box_from_mask``).
 
         Raises:
-            ValueError: if an image has fewer than Q valid encoder pixels.
+            ValueError: if an image has fewer than Q valid encoder pixels (on a GPU a device-side
+                assert, ``up2.utils.host_sync.device_assert``).
         """
         anchors, valid = pixel_anchors(enc)
-        n_valid = int(valid.sum(1).min())
-        if n_valid < self.num_queries:
-            raise ValueError(f"ProposalDecoder: num_queries ({self.num_queries}, MODEL.PROPOSAL.NUM_QUERIES) "
-                             f"exceeds the {n_valid} valid encoder pixels of an image; use a larger input "
-                             "or fewer queries")
+        device_assert(valid.sum(1) >= self.num_queries,
+                      f"ProposalDecoder: num_queries ({self.num_queries}, MODEL.PROPOSAL.NUM_QUERIES) exceeds the "
+                      "valid encoder pixels of an image; use a larger input or fewer queries")
         memory = enc.memory.masked_fill(~valid[..., None], 0.0)
         memory = self.enc_output_norm(self.enc_output(memory))  # (N, S, D), zero-input on invalid pixels
         scores = self.enc_objectness(memory)[..., 0]  # (N, S)

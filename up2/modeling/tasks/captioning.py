@@ -147,8 +147,7 @@ class CaptioningTask(Task):
         text_attr = constant_attributes(N * K, 1, modality=Modality.TEXT, role=Role.INPUT,
                                         attention=TokenAttention.CAUSAL, inputs=self.input_modalities, device=model.device,
                                         dtype=dtype).to(image_batch.attributes.dtype)
-        positions = vocab.index_of(torch.tensor([sp.sep, sp.pad], device=model.device), te).tolist()  # once
-        ends = [i for i in positions if i >= 0]
+        ends = [i for i in vocab.positions_of((sp.sep, sp.pad), te) if i >= 0]
         if not ends:
             raise ValueError(f"task {self.spec.name}: the vocabulary targets hold neither the end token "
                              f"({sp.sep}) nor padding ({sp.pad}); a caption could never end")
@@ -158,7 +157,10 @@ class CaptioningTask(Task):
         def step(generated: torch.Tensor, parents: Optional[torch.Tensor]) -> torch.Tensor:
             """(N*K, t) generated target indices -> (N*K, V) log-probabilities of the next target."""
             nonlocal cache
-            cache = g.prefill(img) if parents is None else cache.reorder(parents)
+            if parents is None:
+                cache = g.prefill(img)
+            elif K > 1:  # with one beam the parents are 0 .. N-1: the cache stays as it is
+                cache = cache.reorder(parents)
             seqs = torch.cat([start, ids_v[generated]], dim=1)
             # the newest token's context-free embedding (its position counts the tokens before it)
             newest = te.embed_tokens(seqs)[:, -1:].to(dtype)

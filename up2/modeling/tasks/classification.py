@@ -50,7 +50,8 @@ class ClassificationTask(Task):
 
     def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):
         probs = model.likelihood(outputs.spe, targets.embeddings).softmax(-1)
-        return [{"pred_class_scores": p, "pred_class": int(p.argmax())} for p in probs]
+        classes = probs.argmax(-1).tolist()  # the results' one copy to the host
+        return [{"pred_class_scores": p, "pred_class": c} for p, c in zip(probs, classes)]
 
     def build_mapper(self, cfg, is_train: bool):
         return ClassificationDatasetMapper(cfg, is_train=is_train)

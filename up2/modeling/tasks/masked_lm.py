@@ -23,6 +23,7 @@ from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
 from up2.modeling.tasks.vocabulary import IGNORE, VocabularyTargets
 from up2.modeling.token_attributes import Modality, Role, TokenAttention, constant_attributes, input_modalities
 from up2.structures import TokenBatch
+from up2.utils.host_sync import cpu_only, to_device
 
 __all__ = ["MaskedLMTask", "mask_tokens"]
 
@@ -99,38 +100,50 @@ class MaskedLMTask(Task):
                 raise KeyError(f"masked-LM input {i} has no 'text'")
             texts.append(d["text"])
         tok = te.tokenize(texts)
-        ids = tok["input_ids"].to(model.device)
-        keep = tok["attention_mask"].to(model.device).bool()
+        # masking runs on the host (the tokenizer's output, CPU random draws): the chosen
+        # positions are then known there and the device needs no synchronisation to select them
+        ids, keep = tok["input_ids"], tok["attention_mask"].bool()  # CPU tensors
         maskable = keep & (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
-        pool = self.vocabulary(te).resolve(te)
+        pool = self.vocabulary(te).host_ids(te)
         generator = None if model.training else torch.Generator().manual_seed(0)
-        masked, labels = mask_tokens(ids, maskable, sp.mask, pool, self.mask_prob, generator)
+        with cpu_only():  # host tensors throughout: nothing here waits for a device
+            masked, labels = mask_tokens(ids, maskable, sp.mask, pool, self.mask_prob, generator)
+            label_index = to_device((labels != IGNORE).flatten().nonzero().squeeze(1), model.device)
+        masked, labels, keep = (to_device(t, model.device) for t in (masked, labels, keep))
         feats, pad = te(masked, keep.long())
         attributes = constant_attributes(*pad.shape, modality=Modality.TEXT, role=Role.INPUT,
                                          attention=TokenAttention.BIDIRECTIONAL, inputs=self.input_modalities,
                                          device=feats.device, dtype=feats.dtype)
         batch = TokenBatch(tokens=feats, padding_mask=pad, attributes=attributes,
                            segments={TEXT_SEGMENT: slice(0, pad.shape[1])})
-        return TaskInputs(batch=batch, labels=labels)
+        return TaskInputs(batch=batch, labels=labels, label_index=label_index)
 
     def encode_targets(self, model, batched_inputs, inputs, **options) -> TargetEmbeddings:
         return self.vocabulary(model.text_encoder).embed(model, self.input_modalities)  # (V, d)
 
+    def _chosen_logits(self, model, outputs, targets, inputs) -> torch.Tensor:
+        """(M, V) logits of the chosen positions (``inputs.label_index``)."""
+        text = outputs[TEXT_SEGMENT]
+        chosen = text.reshape(-1, text.shape[-1]).index_select(0, inputs.label_index)
+        return model.likelihood(chosen, targets.embeddings)
+
     def losses(self, model, outputs, targets, inputs, batched_inputs):
-        chosen = inputs.labels != IGNORE
-        logits = model.likelihood(outputs[TEXT_SEGMENT][chosen], targets.embeddings)  # (M, V)
-        target = self.vocabulary(model.text_encoder).index_of(inputs.labels[chosen], model.text_encoder)
+        logits = self._chosen_logits(model, outputs, targets, inputs)
+        labels = inputs.labels.reshape(-1).index_select(0, inputs.label_index)
+        target = self.vocabulary(model.text_encoder).index_of(labels, model.text_encoder)
         loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if len(target) else logits.sum() * 0.0
         return {"loss_mlm": self.spec.loss_weight * loss}
 
     def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options):
         labels = inputs.labels
-        chosen = labels != IGNORE
-        logits = model.likelihood(outputs[TEXT_SEGMENT][chosen], targets.embeddings)  # (M, V)
-        pred = torch.full_like(labels, IGNORE)
-        pred[chosen] = self.vocabulary(model.text_encoder).resolve(model.text_encoder)[logits.argmax(-1)]
-        keep = ~inputs.batch.padding_mask
-        return [{"mlm_predictions": p[k], "mlm_labels": lab[k]} for p, lab, k in zip(pred, labels, keep)]
+        logits = self._chosen_logits(model, outputs, targets, inputs)
+        pred = torch.full_like(labels, IGNORE).reshape(-1)
+        ids = self.vocabulary(model.text_encoder).resolve(model.text_encoder)
+        pred = pred.index_copy(0, inputs.label_index, ids[logits.argmax(-1)]).view_as(labels)
+        # the results leave the device in one copy; the padding is cut on the host
+        host = torch.stack((pred, labels, inputs.batch.padding_mask.long())).cpu()
+        return [{"mlm_predictions": p[k], "mlm_labels": lab[k]}
+                for p, lab, k in zip(host[0], host[1], host[2] == 0)]
 
     def build_mapper(self, cfg, is_train: bool):
         return TextDatasetMapper(cfg, is_train=is_train)

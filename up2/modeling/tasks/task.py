@@ -47,12 +47,16 @@ class TaskInputs:
         image: the image encoding (``up2.modeling.meta_arch.ImageEncoding``) for image tasks,
             else None.
         labels: (B, T) int64 token labels of text tasks (-100 where unsupervised), else None.
+        label_index: (M,) int64 flat positions ``b * T + t`` of the supervised labels, when the
+            task knows them on the host (selecting them by ``labels != -100`` would synchronise
+            with a GPU), else None.
         losses: losses computed while encoding (the proposal network's), {} otherwise.
     """
 
     batch: TokenBatch
     image: Optional[Any] = None
     labels: Optional[torch.Tensor] = None
+    label_index: Optional[torch.Tensor] = None
     losses: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 

@@ -10,7 +10,7 @@ config and the checkpoint, so inference never reads the training texts.
 """
 from __future__ import annotations
 
-from typing import AbstractSet, Any, Iterable, Optional, Tuple
+from typing import AbstractSet, Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,6 +51,8 @@ class VocabularyTargets:
 
     def __init__(self, token_ids: Optional[torch.Tensor] = None):
         self.token_ids = token_ids
+        self._host_ids = None if token_ids is None else token_ids.detach().cpu()
+        self._positions = {}
         self._lookup: Optional[torch.Tensor] = None
         # exact identity of the set for the evaluation cache: the ids themselves (read once, on CPU)
         self._key = None if token_ids is None else ("ids", token_ids.detach().cpu().to(torch.int64).numpy().tobytes())
@@ -82,6 +84,22 @@ class VocabularyTargets:
             self.token_ids = self.token_ids.to(device)
         return self.token_ids
 
+    def host_ids(self, text_encoder) -> torch.Tensor:
+        """(V,) ids of the target set on the CPU (for host-side work such as drawing random
+        replacement tokens, which must not read device memory)."""
+        if self._host_ids is None:
+            self._host_ids = torch.arange(text_encoder.vocab_size)
+        return self._host_ids
+
+    def positions_of(self, tokens: Sequence[int], text_encoder) -> List[int]:
+        """Positions of the token ids ``tokens`` in the target set (-100 for an id outside it),
+        computed on the host once per set of ids and kept."""
+        key = tuple(int(t) for t in tokens)
+        if key not in self._positions:
+            where = {int(t): i for i, t in enumerate(self.host_ids(text_encoder).tolist())}
+            self._positions[key] = [where.get(t, IGNORE) for t in key]
+        return self._positions[key]
+
     def index_of(self, token_ids: torch.Tensor, text_encoder) -> torch.Tensor:
         """Map token ids (any shape) to positions in the target set; ids outside it -> -100."""
         ids = self.resolve(text_encoder)
@@ -89,10 +107,8 @@ class VocabularyTargets:
             lookup = torch.full((text_encoder.vocab_size,), IGNORE, dtype=torch.long, device=ids.device)
             lookup[ids] = torch.arange(len(ids), device=ids.device)
             self._lookup = lookup
-        out = torch.full_like(token_ids, IGNORE)
-        valid = token_ids >= 0
-        out[valid] = self._lookup[token_ids[valid]]
-        return out
+        valid = token_ids >= 0  # a gather and a select: no boolean indexing, no host synchronisation
+        return torch.where(valid, self._lookup[token_ids.clamp(min=0)], torch.full_like(token_ids, IGNORE))
 
     def embed(self, model, inputs: AbstractSet[Modality]) -> TargetEmbeddings:
         """(V, d) target embeddings (``UniPerceiverV2.embed_tokens_as_targets``)."""
