@@ -81,6 +81,40 @@ AUTOTUNE_CONFIGS = tuple(
 
 
 @triton.jit
+def _neighbours(loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC: tl.constexpr):
+    """The four pixels around the samples ``lp`` of a level (h x w pixels, first pixel ``start``):
+    the fractional offsets (fx, fy), then the element offsets in value of pixels (x0, y0),
+    (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1) and channels ``d``, then their masks (pixel
+    inside the map, query and channel in range)."""
+    wf = w.to(ACC)
+    hf = h.to(ACC)
+    # pixel coordinates; clamped far outside, where every neighbour is outside either way, so
+    # that floor() fits in int32
+    x = tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0).to(ACC) * wf - 0.5
+    y = tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0).to(ACC) * hf - 0.5
+    x = tl.minimum(tl.maximum(x, -2.0), wf + 1.0)
+    y = tl.minimum(tl.maximum(y, -2.0), hf + 1.0)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    in_x0 = (x0 >= 0) & (x0 < w)
+    in_x1 = (x0 + 1 >= 0) & (x0 + 1 < w)
+    in_y0 = q_ok & (y0 >= 0) & (y0 < h)
+    in_y1 = q_ok & (y0 + 1 >= 0) & (y0 + 1 < h)
+    px = start + y0 * w + x0
+    off00 = (px * row)[:, None] + d[None, :]
+    off10 = off00 + row
+    off01 = off00 + w * row
+    off11 = off01 + row
+    ok00 = (in_y0 & in_x0)[:, None] & d_ok[None, :]
+    ok10 = (in_y0 & in_x1)[:, None] & d_ok[None, :]
+    ok01 = (in_y1 & in_x0)[:, None] & d_ok[None, :]
+    ok11 = (in_y1 & in_x1)[:, None] & d_ok[None, :]
+    return x - x0f, y - y0f, off00, off10, off01, off11, ok00, ok10, ok01, ok11
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
     S, LQ, M, DH, LQ_BUCKET,
@@ -102,35 +136,15 @@ def _msda_fwd_kernel(
     for lvl in tl.static_range(L):
         h = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        hf = h.to(ACC)
-        wf = w.to(ACC)
         for pt in tl.static_range(P):
             lp = qm * (L * P) + lvl * P + pt
             a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0).to(ACC)
-            # clamped far outside: every neighbour is then outside either way, and floor() stays in int32
-            x = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0).to(ACC) * wf - 0.5, -2.0), wf + 1.0)
-            y = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0).to(ACC) * hf - 0.5, -2.0), hf + 1.0)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            x1 = x0 + 1
-            y1 = y0 + 1
-            in_x0 = (x0 >= 0) & (x0 < w)
-            in_x1 = (x1 >= 0) & (x1 < w)
-            in_y0 = q_ok & (y0 >= 0) & (y0 < h)
-            in_y1 = q_ok & (y1 >= 0) & (y1 < h)
-            px00 = start + y0 * w + x0
-            v00 = tl.load(v_base + (px00 * row)[:, None] + d[None, :],
-                          mask=(in_y0 & in_x0)[:, None] & d_ok[None, :], other=0.0).to(ACC)
-            v10 = tl.load(v_base + ((px00 + 1) * row)[:, None] + d[None, :],
-                          mask=(in_y0 & in_x1)[:, None] & d_ok[None, :], other=0.0).to(ACC)
-            v01 = tl.load(v_base + ((px00 + w) * row)[:, None] + d[None, :],
-                          mask=(in_y1 & in_x0)[:, None] & d_ok[None, :], other=0.0).to(ACC)
-            v11 = tl.load(v_base + ((px00 + w + 1) * row)[:, None] + d[None, :],
-                          mask=(in_y1 & in_x1)[:, None] & d_ok[None, :], other=0.0).to(ACC)
+            fx, fy, off00, off10, off01, off11, ok00, ok10, ok01, ok11 = _neighbours(
+                loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC)
+            v00 = tl.load(v_base + off00, mask=ok00, other=0.0).to(ACC)
+            v10 = tl.load(v_base + off10, mask=ok10, other=0.0).to(ACC)
+            v01 = tl.load(v_base + off01, mask=ok01, other=0.0).to(ACC)
+            v11 = tl.load(v_base + off11, mask=ok11, other=0.0).to(ACC)
             top = v00 + fx[:, None] * (v10 - v00)
             bottom = v01 + fx[:, None] * (v11 - v01)
             acc += a[:, None] * (top + fy[:, None] * (bottom - top))
@@ -159,40 +173,17 @@ def _msda_bwd_kernel(
     v_base = value_ptr + image
     gv_base = grad_value_ptr + image
     qm = (n.to(tl.int64) * LQ + q) * M + m
-    qd_ok = q_ok[:, None] & d_ok[None, :]
-    go = tl.load(grad_out_ptr + (qm * DH)[:, None] + d[None, :], mask=qd_ok, other=0.0).to(ACC)
+    go = tl.load(grad_out_ptr + (qm * DH)[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :],
+                 other=0.0).to(ACC)
     start = 0
     for lvl in tl.static_range(L):
         h = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-        hf = h.to(ACC)
-        wf = w.to(ACC)
         for pt in tl.static_range(P):
             lp = qm * (L * P) + lvl * P + pt
             a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0).to(ACC)
-            x = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp, mask=q_ok, other=0.0).to(ACC) * wf - 0.5, -2.0), wf + 1.0)
-            y = tl.minimum(tl.maximum(tl.load(loc_ptr + 2 * lp + 1, mask=q_ok, other=0.0).to(ACC) * hf - 0.5, -2.0), hf + 1.0)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            x1 = x0 + 1
-            y1 = y0 + 1
-            in_x0 = (x0 >= 0) & (x0 < w)
-            in_x1 = (x1 >= 0) & (x1 < w)
-            in_y0 = q_ok & (y0 >= 0) & (y0 < h)
-            in_y1 = q_ok & (y1 >= 0) & (y1 < h)
-            px00 = start + y0 * w + x0
-            off00 = (px00 * row)[:, None] + d[None, :]
-            off10 = ((px00 + 1) * row)[:, None] + d[None, :]
-            off01 = ((px00 + w) * row)[:, None] + d[None, :]
-            off11 = ((px00 + w + 1) * row)[:, None] + d[None, :]
-            ok00 = (in_y0 & in_x0)[:, None] & d_ok[None, :]
-            ok10 = (in_y0 & in_x1)[:, None] & d_ok[None, :]
-            ok01 = (in_y1 & in_x0)[:, None] & d_ok[None, :]
-            ok11 = (in_y1 & in_x1)[:, None] & d_ok[None, :]
+            fx, fy, off00, off10, off01, off11, ok00, ok10, ok01, ok11 = _neighbours(
+                loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC)
             v00 = tl.load(v_base + off00, mask=ok00, other=0.0).to(ACC)
             v10 = tl.load(v_base + off10, mask=ok10, other=0.0).to(ACC)
             v01 = tl.load(v_base + off01, mask=ok01, other=0.0).to(ACC)
@@ -204,10 +195,10 @@ def _msda_bwd_kernel(
             dx = (v10 - v00) + fy[:, None] * ((v11 - v01) - (v10 - v00))
             dy = bottom - top
             tl.store(grad_attn_ptr + lp, tl.sum(go * sampled, axis=1).to(grad_attn_ptr.dtype.element_ty), mask=q_ok)
-            tl.store(grad_loc_ptr + 2 * lp, (a * wf * tl.sum(go * dx, axis=1)).to(grad_loc_ptr.dtype.element_ty),
-                     mask=q_ok)
-            tl.store(grad_loc_ptr + 2 * lp + 1,
-                     (a * hf * tl.sum(go * dy, axis=1)).to(grad_loc_ptr.dtype.element_ty), mask=q_ok)
+            g_x = a * w.to(ACC) * tl.sum(go * dx, axis=1)
+            g_y = a * h.to(ACC) * tl.sum(go * dy, axis=1)
+            tl.store(grad_loc_ptr + 2 * lp, g_x.to(grad_loc_ptr.dtype.element_ty), mask=q_ok)
+            tl.store(grad_loc_ptr + 2 * lp + 1, g_y.to(grad_loc_ptr.dtype.element_ty), mask=q_ok)
             ga = a[:, None] * go
             gfy = ga * fy[:, None]
             gtop = ga - gfy  # a * (1 - fy) * go
