@@ -285,6 +285,46 @@ def test_triton_routing_devices(monkeypatch):
         routing.select_path(cuda)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_gpus(tmp_path, monkeypatch, dtype):
+    # what the interpreter does not check: the kernels as Triton compiles them for a GPU (sm_80,
+    # ahead of time: no GPU needed), with a level loop, the value gradient's atomic adds
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from up2.layers.msda import triton_kernels as tk
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no CUDA backend to compile for")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    float_ptrs = {"fp32": "*fp32", "bf16": "*bf16"}
+    for kernel in (tk._msda_fwd_kernel, tk._msda_bwd_kernel):
+        signature = {}
+        for name in kernel.arg_names:
+            if name == "shapes_ptr":
+                signature[name] = "*i64"
+            elif name == "grad_value_ptr":
+                signature[name] = "*fp32"  # accumulated in fp32 whatever value's dtype
+            elif name.endswith("_ptr"):
+                signature[name] = float_ptrs[dtype]
+            elif name in ("L", "P", "BLOCK_Q", "BLOCK_D", "ACC"):
+                signature[name] = "constexpr"
+            else:
+                signature[name] = "i32"
+        constants = {"L": 3, "P": 2, "BLOCK_Q": 16, "BLOCK_D": 8, "ACC": tl.float32}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 80, 32),
+                                  options={"num_warps": 2})
+        ptx = compiled.asm["ptx"]
+        adds = [line for line in ptx.splitlines() if ("red." in line or "atom." in line) and ".add" in line]
+        if kernel is tk._msda_bwd_kernel:
+            assert adds and all(".f32" in line for line in adds), adds[:4]
+        else:
+            assert not adds
+
+
 def test_routing_without_triton(monkeypatch):
     # routing decisions only, with the kernels' import failing
     cuda = torch.device("cuda")

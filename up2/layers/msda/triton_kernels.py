@@ -8,8 +8,9 @@ sampled bilinearly there from its four neighbouring pixels, a neighbour outside 
 0; samples are weighted by A[q, m, l, p] and summed over (l, p).
 
 One program handles ``BLOCK_Q`` queries of one (image, head) pair and all ``Dh`` channels of
-that head (``BLOCK_D`` = the next power of two >= Dh). Levels and points are unrolled (L and P
-are compile-time constants); level sizes are read from the ``(L, 2)`` int ``spatial_shapes``
+that head (``BLOCK_D`` = the next power of two >= Dh). Levels are a loop and the P points of a
+level are unrolled (P gathers in flight; unrolling the levels too made the compiled code four
+times larger for L = 4); level sizes are read from the ``(L, 2)`` int ``spatial_shapes``
 tensor on the device and the level offsets in S are their running sum, so a launch needs no
 host value beyond tensor shapes.
 
@@ -24,7 +25,9 @@ Launch configuration: ``LaunchConfig`` (queries per program, warps). ``config=No
 over ``AUTOTUNE_CONFIGS`` on a GPU (once per head width, level and point count, query-count
 power of two and dtypes) and uses ``DEFAULT_CONFIG`` under ``TRITON_INTERPRET=1``, where
 autotuning cannot run. Whether the kernels run interpreted is fixed when this module is
-imported (``triton.jit`` reads ``TRITON_INTERPRET`` then).
+imported (``triton.jit`` reads ``TRITON_INTERPRET`` then; ``triton.language``'s own helpers
+are fixed when ``triton`` is first imported, so the interpreter must be on from the start of
+the process).
 
 Importing this module imports ``triton`` (``ImportError`` where it is not installed).
 """
@@ -132,8 +135,8 @@ def _msda_fwd_kernel(
     v_base = value_ptr + n.to(tl.int64) * S * row + m * DH
     qm = (n.to(tl.int64) * LQ + q) * M + m  # (BLOCK_Q,) flat (n, q, m) index
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
-    start = 0
-    for lvl in tl.static_range(L):
+    start = 0  # first pixel of the level in S
+    for lvl in range(L):
         h = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         for pt in tl.static_range(P):
@@ -175,8 +178,8 @@ def _msda_bwd_kernel(
     qm = (n.to(tl.int64) * LQ + q) * M + m
     go = tl.load(grad_out_ptr + (qm * DH)[:, None] + d[None, :], mask=q_ok[:, None] & d_ok[None, :],
                  other=0.0).to(ACC)
-    start = 0
-    for lvl in tl.static_range(L):
+    start = 0  # first pixel of the level in S
+    for lvl in range(L):
         h = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
         w = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
         for pt in tl.static_range(P):
