@@ -1,14 +1,16 @@
 """The Triton kernels of multi-scale deformable attention against the pure-PyTorch reference, run
 on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``): values and the three gradients in
 fp32 (and fp64), bf16 and mixed dtypes, several query blocks per head, sampling points inside,
-outside and exactly on the map's borders and pixel centres; and the ``triton`` routing.
+outside and exactly on the map's borders and pixel centres; the ``triton`` routing; and both
+kernels compiled ahead of time for a GPU (sm_80), which the interpreter does not do.
 
 ``triton.jit`` decides when a function is decorated whether it is interpreted, and that includes
 ``triton.language``'s own helpers (``tl.sum``, ``tl.zeros``), decorated when ``triton`` is first
 imported. So the interpreted cases run in a child process (this file run as a script) that has
 ``TRITON_INTERPRET=1`` from its start; each case reports its numbers (or its traceback) as JSON,
-and the tests below check them. The variable never reaches this process. The interpreter runs
-programs one after another, so the cases are tiny.
+and the tests below check them. The variable never reaches this process (``up2.layers.msda``
+already imports ``triton`` through its dependencies). The interpreter runs programs one after
+another, so the cases are tiny.
 """
 import importlib.util
 import json
