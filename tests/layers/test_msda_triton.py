@@ -327,6 +327,33 @@ def test_triton_kernels_compile_for_gpus(tmp_path, monkeypatch, dtype):
             assert not adds
 
 
+def test_compiled_reference_path_compiles_the_reference(monkeypatch):
+    # torch.compile itself is replaced (Inductor takes ~90 s for this op on 2 CPU cores): the path
+    # asks for one full graph of the reference and returns its output in value's dtype
+    from up2.layers.msda import function
+
+    requests = []
+
+    def fake_compile(fn, **kwargs):
+        requests.append((fn, kwargs))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    function._compiled_reference.cache_clear()
+    try:
+        shapes = SHAPE_SETS["three_levels"]
+        value, loc, attn = _inputs(shapes, n=1, lq=4, m=2, dh=3, p=2)
+        monkeypatch.setenv(PATH_ENV, "compiled_reference")
+        out = ms_deform_attn_core(value.bfloat16(), shapes, None, loc, attn)
+        ms_deform_attn_core(value, shapes, None, loc, attn)
+    finally:
+        function._compiled_reference.cache_clear()
+    assert requests == [(ms_deform_attn_core_pytorch, {"fullgraph": True})]  # built once
+    assert out.dtype == torch.bfloat16
+    ref = ms_deform_attn_core_pytorch(value.bfloat16().float(), shapes, loc, attn)
+    assert (out.float() - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()
+
+
 def test_routing_without_triton(monkeypatch):
     # routing decisions only, with the kernels' import failing
     cuda = torch.device("cuda")
