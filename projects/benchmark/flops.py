@@ -50,7 +50,7 @@ def _baddbmm_flops(inputs, outputs) -> int:
 
 
 def _msda_flops(inputs, outputs) -> int:
-    """up2's compiled deformable attention (a traced PythonOp): value (N, S, M, D), sampling
+    """up2's compiled or Triton deformable attention (a traced PythonOp): value (N, S, M, D), sampling
     locations (N, Q, M, L, P, 2): 4 per sampled channel, as fvcore counts the bilinear
     ``grid_sample`` of the PyTorch path."""
     shapes = [s for s in (_shape(x) for x in inputs) if s is not None]
@@ -60,7 +60,7 @@ def _msda_flops(inputs, outputs) -> int:
 
 
 HANDLES = {"aten::scaled_dot_product_attention": _sdpa_flops, "aten::baddbmm": _baddbmm_flops,
-           "prim::PythonOp._CompiledMSDA": _msda_flops}
+           "prim::PythonOp._CompiledMSDA": _msda_flops, "prim::PythonOp._TritonMSDA": _msda_flops}
 
 
 @contextlib.contextmanager

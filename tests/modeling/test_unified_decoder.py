@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import assert_grad_norm, random_projection
 

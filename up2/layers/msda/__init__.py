@@ -17,11 +17,15 @@ One idea per file:
 * ``module``: ``MSDeformAttn``, the ``nn.Module`` (projections, reference points, validation
   of its inputs).
 * ``function``: ``ms_deform_attn_core``, the single entry point of the op, and the autograd
-  Function of the compiled kernel.
-* ``routing``: which path runs for which device (``UP2_MSDA_PATH`` = ``pytorch`` |
-  ``compiled`` | ``auto``), logged once per path and device type.
+  Functions of the compiled CPU kernel and of the Triton kernels.
+* ``routing``: which path runs for which device (``UP2_MSDA_PATH`` = ``auto`` | ``pytorch`` |
+  ``compiled`` | ``triton`` | ``compiled_reference``), logged once per path and device type.
 * ``reference``: the vectorised pure-PyTorch op (one ``F.grid_sample`` per level), the
-  numerical reference; it runs for non-CPU tensors and where the kernel is not built.
+  numerical reference; it runs where no kernel does (CPU without the built kernel, CUDA
+  without triton, other devices).
+* ``triton_kernels``: the Triton forward and backward kernels, the path of CUDA tensors
+  (imported only when used; on CPU tensors under ``TRITON_INTERPRET=1`` for tests), with
+  fixed or autotuned launch configurations.
 * ``library``: loading the compiled C++ CPU kernel (``csrc/ms_deform_attn_cpu.cpp``,
   float32 / float64; bf16 / fp16 inputs are computed in float32), built by
   ``python -m up2.layers.build_kernels msda``; ``fast_path_available()`` says whether it loads.

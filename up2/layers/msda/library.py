@@ -28,6 +28,6 @@ def fast_path_available() -> bool:
 
     Loads an already-built library on first call (never compiles); a failed load is logged by
     ``ms_deform_attn_core`` when it falls back, and raised when ``UP2_MSDA_PATH=compiled``.
-    The kernel is CPU only: CUDA tensors always take the pure-PyTorch path.
+    The kernel is CPU only: CUDA tensors take the Triton path (``up2.layers.msda.routing``).
     """
     return compiled_unavailable_reason() is None
