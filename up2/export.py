@@ -68,7 +68,8 @@ def read_metrics(path: str, cfg) -> Optional[dict]:
         try:
             record = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{path}: line {number} is not JSON ({e}); expected eval_results.json or metrics.json") from e
+            raise ValueError(f"{path}: line {number} is not JSON ({e}); expected eval_results.json or "
+                             "metrics.json") from e
         if not isinstance(record, dict):
             continue
         evaluation = {k: v for k, v in record.items() if _is_eval_key(k, datasets)}
@@ -148,7 +149,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config-file", required=True, help="the training config (OUTPUT_DIR/config.yaml)")
     parser.add_argument("--output", required=True, help="the inference checkpoint folder to write")
     parser.add_argument("--metrics", default=None, help="eval_results.json or metrics.json for the model card")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, MODEL.WEIGHTS <checkpoint> among them")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE overrides, MODEL.WEIGHTS <checkpoint> among them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -132,7 +132,8 @@ def save_d2_checkpoint(
         if path.suffix == ".safetensors":
             from safetensors.torch import save
 
-            f.write(save(tensors, metadata={"__author__": author, "matching_heuristics": str(bool(matching_heuristics))}))
+            meta = {"__author__": author, "matching_heuristics": str(bool(matching_heuristics))}
+            f.write(save(tensors, metadata=meta))
         else:
             torch.save({"model": tensors, "__author__": author, "matching_heuristics": bool(matching_heuristics)}, f)
     return path

@@ -112,7 +112,8 @@ def test_model_card_is_generated_from_the_model(saved):
     assert f"({counts.deployment:,})" in card and "Tab. 6" in card
     assert "| DET | instance_segmentation | unregistered_train | unregistered_val | 3 classes: circle, square, " \
            "triangle |" in card
-    assert "| CAP | captioning |" in card and f"dataset vocabulary, {len(saved['cfg'].TASKS.CAP.VOCABULARY_IDS)}" in card
+    vocabulary = len(saved["cfg"].TASKS.CAP.VOCABULARY_IDS)
+    assert "| CAP | captioning |" in card and f"dataset vocabulary, {vocabulary} tokens" in card
     assert "- data: unregistered_cap_train, unregistered_cls_train, unregistered_train" in card
     assert "| DET/unregistered_val/bbox/AP | 12.5 |" in card and "| DET/unregistered_val/bbox/APl | n/a |" in card
     assert f"- torch: {torch.__version__.split('+')[0]}" in card and "weights after 7" in card

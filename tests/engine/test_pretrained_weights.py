@@ -73,8 +73,8 @@ def test_missing_backbone_file_names_file_and_converter(name, converter, source,
 
 def test_unset_variable_and_empty_or_conflicting_keys_are_refused(monkeypatch):
     monkeypatch.delenv("UP2_WEIGHTS", raising=False)
-    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS='\$UP2_WEIGHTS/R-50.safetensors' uses the environment variable "
-                                         r"\$UP2_WEIGHTS, which is not set"):
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS='\$UP2_WEIGHTS/R-50.safetensors' uses the environment "
+                                         r"variable \$UP2_WEIGHTS, which is not set"):
         check_pretrained_weights(_load("up2_R50"))
     cfg = _load("tiny/Base-tiny")
     cfg.MODEL.BACKBONE.RANDOM_INIT = False
@@ -121,7 +121,8 @@ def test_swin_input_prefix_keeps_the_backbone_of_a_detection_checkpoint(tmp_path
                 "backbone.0.norm3.weight": t, "transformer.decoder.weight": t}
     torch.save({"model": detector}, tmp_path / "o365.pth")
     out = tmp_path / "swin_l.safetensors"
-    assert swin.main(["--input", str(tmp_path / "o365.pth"), "--input-prefix", "backbone.0.", "--output", str(out)]) == 0
+    args = ["--input", str(tmp_path / "o365.pth"), "--input-prefix", "backbone.0.", "--output", str(out)]
+    assert swin.main(args) == 0
     model = load_file(str(out))
     assert sorted(model) == ["backbone.swin.layers_0.blocks.0.norm1.weight", "backbone.swin.patch_embed.proj.weight"]
     assert torch.equal(model["backbone.swin.layers_0.blocks.0.norm1.weight"], t + 1)

@@ -83,7 +83,8 @@ def read_format(folder: str) -> dict:
     """
     path = os.path.join(folder, FORMAT_FILE)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder!r} is not a folder; an up2 inference checkpoint is a folder with {FORMAT_FILE}")
+        raise FileNotFoundError(f"{folder!r} is not a folder; an up2 inference checkpoint is a folder with "
+                                f"{FORMAT_FILE}")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{folder!r} is not an up2 inference checkpoint: no {FORMAT_FILE} in it. Training writes one to "

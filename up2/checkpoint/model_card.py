@@ -87,7 +87,8 @@ def model_card(model: nn.Module, cfg, specs: Mapping, *, metrics: Optional[Mappi
               + (f" (ResNet-{cfg.MODEL.RESNETS.DEPTH})" if cfg.MODEL.BACKBONE.NAME == "build_resnet_backbone"
                  else f" ({cfg.MODEL.SWIN.MODEL_NAME})" if "Swin" in cfg.MODEL.BACKBONE.NAME else ""),
               f"- text encoder: {cfg.MODEL.TEXT_ENCODER.NAME} (config and tokenizer in text_encoder/)",
-              f"- unified decoder: {cfg.MODEL.UNIFIED_DECODER.NUM_LAYERS} layers, d={cfg.MODEL.UNIFIED_DECODER.EMBED_DIM}"
+              f"- unified decoder: {cfg.MODEL.UNIFIED_DECODER.NUM_LAYERS} layers, "
+              f"d={cfg.MODEL.UNIFIED_DECODER.EMBED_DIM}"
               + (f", conditional MoE {moe.NUM_EXPERTS} experts top-{moe.TOP_K}" if moe.ENABLED else ""),
               f"- input: {cfg.INPUT.FORMAT}, test size {cfg.INPUT.MIN_SIZE_TEST} (max {cfg.INPUT.MAX_SIZE_TEST})", ""]
     trained = sorted({d for s in specs.values() for d in s.datasets_train})
