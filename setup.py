@@ -16,6 +16,7 @@ setup(
         "torchvision",
         "transformers>=4.40",
         "tokenizers",
+        "safetensors",
         "timm>=0.9",
         "scipy",
         "pycocotools",

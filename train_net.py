@@ -3,10 +3,12 @@
 
     python train_net.py --config-file configs/up2_R50.yaml --num-gpus 8
     python train_net.py --config-file configs/tiny/det_shapes.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
+
+Training ends by writing OUTPUT_DIR/model_final_inference, the shareable inference checkpoint
+(up2.checkpoint); ``python -m up2.export`` writes one for any training checkpoint.
 """
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -14,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 import up2  # noqa: F401  (registers the model, backbone, tasks and datasets)
 from up2 import add_up2_config
+from up2.checkpoint import UP2Checkpointer, config_for_weights
 from up2.engine import UP2Trainer
 from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
 from up2.modeling.inference import prepare_for_inference
@@ -30,6 +33,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     if args.eval_only:  # the model to evaluate ($VAR expanded); training expands it in UP2Trainer.resume_or_load
         cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
+        cfg = config_for_weights(cfg)  # an inference checkpoint folder brings its text encoder (up2.checkpoint)
     # class names and dataset vocabularies, resolved once (from the checkpoint first when
     # evaluating it): the dumped OUTPUT_DIR/config.yaml then predicts without the datasets
     cfg = resolve_task_data(cfg, use_checkpoint=args.eval_only)
@@ -48,7 +52,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = UP2Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        UP2Checkpointer(model, save_dir=cfg.OUTPUT_DIR, allow_pickle=cfg.MODEL.ALLOW_PICKLE_WEIGHTS).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         results = UP2Trainer.test(cfg, prepare_for_inference(model))
         if comm.is_main_process():
             write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))

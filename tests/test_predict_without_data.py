@@ -1,6 +1,7 @@
 """A trained checkpoint predicts without its training data (class names travel with the config
-and the checkpoint), from another working directory; where data is really needed, the error
-says where up2 looked."""
+and the checkpoint), from another working directory; so does the inference checkpoint folder the
+trainer writes (and ``python -m up2.export`` rewrites), without the training config; where data is
+really needed, the error says where up2 looked."""
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ def test_readme_snippets_predict_from_another_folder_without_the_data(trained):
     elsewhere = trained["tmp"] / "elsewhere"
     elsewhere.mkdir(exist_ok=True)
     weights, photo = trained["out"] / "model_final.pth", trained["photo"]
+    shared = trained["out"] / "model_final_inference"  # written by the trainer: no training config needed
     source, dumped = REPO_ROOT / "configs/tiny/inst_shapes.yaml", trained["out"] / "config.yaml"
     script = textwrap.dedent(f"""
         import json
@@ -81,25 +83,35 @@ def test_readme_snippets_predict_from_another_folder_without_the_data(trained):
         from detectron2.engine import DefaultPredictor
         from up2 import add_up2_config
         from up2.data import read_image
-        from up2.predictor import GeneralistPredictor
+        from up2.predictor import BatchPredictor, GeneralistPredictor
+
+        def load_cfg(config, weights):
+            cfg = get_cfg(); add_up2_config(cfg)
+            cfg.merge_from_file(config)
+            cfg.merge_from_list({SHRINK[6:]!r})
+            cfg.MODEL.WEIGHTS = weights
+            return cfg
 
         assert not [n for n in DatasetCatalog.list() if n.startswith("shapes")], "shapes must not be registered"
         res = {{}}
         for config in [{str(source)!r}, {str(dumped)!r}]:
-            cfg = get_cfg(); add_up2_config(cfg)
-            cfg.merge_from_file(config)
-            cfg.merge_from_list({SHRINK[6:]!r})
-            cfg.MODEL.WEIGHTS = {str(weights)!r}
-            predictor = DefaultPredictor(cfg)
+            predictor = DefaultPredictor(load_cfg(config, {str(weights)!r}))
             instances = predictor(read_image({str(photo)!r}, format="BGR"))["instances"]
             res[config] = {{"n": len(instances), "scores": instances.scores.tolist(),
                            "classes": instances.pred_classes.tolist(), "masks": instances.has("pred_masks")}}
         p = GeneralistPredictor.from_config_file({str(source)!r}, {str(weights)!r}, opts={SHRINK[6:]!r})
         res["generalist"] = {{"n": len(p.segment({str(photo)!r})),
                              "names": list(p.model.tasks["INSTANCE_SEGMENTATION"].spec.class_names)}}
+        # the shareable folder alone: from_pretrained, and MODEL.WEIGHTS <folder> with its config.yaml
+        for key, instances in [
+                ("shared", GeneralistPredictor.from_pretrained({str(shared)!r}).segment({str(photo)!r})),
+                ("batch_shared", BatchPredictor(load_cfg({str(shared / "config.yaml")!r}, {str(shared)!r}))(
+                    read_image({str(photo)!r}, format="BGR"))["instances"])]:
+            res[key] = {{"scores": instances.scores.tolist(), "classes": instances.pred_classes.tolist()}}
         print("RESULT" + json.dumps(res))
     """)
-    proc = _run(["-c", script], elsewhere, _env())
+    env = _env(PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))  # this checkout's up2
+    proc = _run(["-c", script], elsewhere, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT", 1)[1])
     a, b = res[str(source)], res[str(dumped)]
@@ -107,11 +119,14 @@ def test_readme_snippets_predict_from_another_folder_without_the_data(trained):
     assert a["classes"] == b["classes"]
     torch.testing.assert_close(torch.tensor(a["scores"]), torch.tensor(b["scores"]))
     assert res["generalist"]["names"] == trained["class_names"] and res["generalist"]["n"] == a["n"]
+    for key in ("shared", "batch_shared"):  # the inference checkpoint predicts as model_final.pth
+        assert res[key]["classes"] == a["classes"], key
+        torch.testing.assert_close(torch.tensor(res[key]["scores"]), torch.tensor(a["scores"]))
 
-    drawn = trained["tmp"] / "drawn"
-    proc = _run([str(REPO_ROOT / "projects/demo/demo.py"), "--config-file", str(dumped), "--input", str(photo),
-                 "--output", str(drawn), "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS", str(weights)],
-                elsewhere, _env())
+    drawn = trained["tmp"] / "drawn"  # the demo draws with the shareable folder: its config and weights
+    proc = _run([str(REPO_ROOT / "projects/demo/demo.py"), "--config-file", str(shared / "config.yaml"), "--input",
+                 str(photo), "--output", str(drawn), "--confidence-threshold", "0", "--opts", "MODEL.WEIGHTS",
+                 str(shared)], elsewhere, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (drawn / "photo.png").is_file()
 
@@ -125,3 +140,41 @@ def test_evaluation_without_the_data_names_the_dataset_and_where_up2_looked(trai
     assert proc.returncode != 0
     assert "'shapes_val' is not registered" in proc.stderr
     assert "UP2_DATASETS" in proc.stderr and str(elsewhere / "datasets" / "shapes") in proc.stderr
+
+
+def test_training_writes_a_shareable_checkpoint_of_the_weights_size(trained):
+    """OUTPUT_DIR/model_final_inference (written at the end of training) holds the weights alone:
+    no optimizer or trainer state (the README test below loads it from another folder)."""
+    from safetensors import safe_open
+
+    weights = trained["out"] / "model_final_inference" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        weight_bytes = sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert weight_bytes > 0 and weights.stat().st_size < weight_bytes + 100_000
+    assert weights.stat().st_size < 0.5 * (trained["out"] / "model_final.pth").stat().st_size
+
+
+def test_export_of_a_training_checkpoint_equals_what_training_wrote(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from up2.export import main
+
+    out = tmp_path / "exported"
+    weights = str(trained["out"] / "model_final.pth")
+    assert main(["--config-file", str(trained["out"] / "config.yaml"), "--output", str(out),
+                 "MODEL.WEIGHTS", weights]) == 0
+    a = load_file(str(out / "model.safetensors"))
+    b = load_file(str(trained["out"] / "model_final_inference" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    card = (out / "README.md").read_text()
+    assert f"exported from: {weights}" in card and "| INSTANCE_SEGMENTATION | instance_segmentation |" in card
+    assert "weights after 2" in card
+
+    partial = tmp_path / "backbone_only.pth"
+    full = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    torch.save({"model": {k: v for k, v in full.items() if k.startswith("backbone.")}}, partial)
+    with pytest.raises(ValueError, match=r"not a complete checkpoint of this config's model: \d+ weights missing"):
+        from up2.export import export
+
+        export(str(trained["out"] / "config.yaml"), str(tmp_path / "bad"), ["MODEL.WEIGHTS", str(partial)])
+    assert not (tmp_path / "bad").exists()

@@ -17,6 +17,9 @@ def add_up2_config(cfg: CN) -> None:
     # encoder's weights present (up2.engine.pretrained_weights), unless a part opts into random
     # initialisation here. True with a non-empty MODEL.WEIGHTS is an error (say which one you mean).
     cfg.MODEL.BACKBONE.RANDOM_INIT = False  # True: no MODEL.WEIGHTS, the backbone starts from random weights
+    # Unpickling a file runs the code it holds: up2's loaders (up2.checkpoint.UP2Checkpointer) refuse
+    # .pkl weights and read torch files with weights_only=True unless this is True (trusted files only).
+    cfg.MODEL.ALLOW_PICKLE_WEIGHTS = False
 
     # ---- Memory format (ours) ---------------------------------------------------------------
     # up2.modeling.inference.prepare_for_inference stores the backbone's and the proposal network's

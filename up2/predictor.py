@@ -4,7 +4,8 @@ BatchPredictor: detectron2's DefaultPredictor for a list of images.
 Shape shorthand: C class names, I images, J texts, d width, B images per batch.
 
     from up2.predictor import GeneralistPredictor
-    p = GeneralistPredictor.from_config_file("configs/tiny/joint_shapes.yaml", "output/model_final.pth")
+    p = GeneralistPredictor.from_pretrained("output/tiny_joint_shapes/model_final_inference")
+    # or: GeneralistPredictor.from_config_file("configs/tiny/joint_shapes.yaml", "output/model_final.pth")
     p.detect("photo.jpg", class_names=["cat", "dog"])      # Instances in image pixels
     p.detect(["a.jpg", "b.jpg"], batch_size=8)             # [Instances, Instances], in input order
     p.classify("photo.jpg", ["circle", "square"])          # {"scores": (C,), "label": str}
@@ -14,6 +15,10 @@ Shape shorthand: C class names, I images, J texts, d width, B images per batch.
 Images are file paths (any mode, EXIF honoured; errors name the file), PIL images, or arrays
 (H, W, 3) BGR uint8 as detectron2's DefaultPredictor takes, (H, W) grayscale or (H, W, 4).
 Class names given at call time replace the training classes (open vocabulary).
+
+Weights (``MODEL.WEIGHTS``) are read by :class:`up2.checkpoint.UP2Checkpointer`: an inference
+checkpoint folder (``up2.checkpoint``), a training checkpoint ``.pth`` (``weights_only``) or a
+``.safetensors`` file; ``.pkl`` only with ``MODEL.ALLOW_PICKLE_WEIGHTS True``.
 
 Batching: a list of images runs in chunks of ``batch_size`` consecutive images; inside a chunk,
 images whose padded size (resized size rounded up to the model's size divisibility) is the same
@@ -29,13 +34,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from PIL import Image
 
+from up2.checkpoint import UP2Checkpointer, config_for_weights, inference_config
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.inference import prepare_for_inference
@@ -114,16 +120,37 @@ class GeneralistPredictor:
     image or a list of images (batched, results in input order)."""
 
     def __init__(self, cfg):
-        self.cfg = cfg.clone()
+        self.cfg = config_for_weights(cfg).clone()  # an inference checkpoint brings its text encoder
         self.model = build_model(self.cfg)
-        if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"))
+        if self.cfg.MODEL.WEIGHTS:
+            UP2Checkpointer(self.model, allow_pickle=self.cfg.MODEL.ALLOW_PICKLE_WEIGHTS).load(
+                expand_path(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"))
         prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
     @classmethod
+    def from_pretrained(cls, path: str, opts: Sequence = (), device: Optional[str] = None) -> "GeneralistPredictor":
+        """The model of an inference checkpoint folder (``up2.checkpoint``), from the folder alone:
+        neither its training data nor its training config is needed.
+
+        Args:
+            path: the folder (``OUTPUT_DIR/model_final_inference`` after training, or what
+                ``python -m up2.export`` wrote); ``$VAR`` and ``~`` are expanded.
+            opts: config overrides ``[KEY, VALUE, ...]`` (e.g. ``["TEST.AMP.ENABLED", True]``).
+            device: "cpu", "cuda", ...; None = the stored MODEL.DEVICE, or the CPU when that is
+                CUDA and none is available.
+
+        Raises:
+            FileNotFoundError: ``path`` is not an inference checkpoint (no up2_checkpoint.json).
+            ValueError: its format version is one this up2 cannot read (the message names it), or
+                its config cannot be merged.
+        """
+        return cls(inference_config(path, opts, device=device))
+
+    @classmethod
     def from_config_file(cls, config_file: str, weights: str = "", opts: Sequence = ()) -> "GeneralistPredictor":
+        """The model of ``config_file`` with ``weights`` (any MODEL.WEIGHTS :class:`UP2Checkpointer` reads)."""
         cfg = get_cfg()
         add_up2_config(cfg)
         cfg.merge_from_file(config_file)
@@ -236,7 +263,8 @@ class GeneralistPredictor:
 
 class BatchPredictor(DefaultPredictor):
     """detectron2's ``DefaultPredictor`` for a list of images: same model building, checkpoint
-    loading (cfg.MODEL.WEIGHTS), BGR input convention and ResizeShortestEdge test resizing,
+    loading (cfg.MODEL.WEIGHTS, through :class:`up2.checkpoint.UP2Checkpointer`: an inference
+    checkpoint folder works too), BGR input convention and ResizeShortestEdge test resizing,
     per image; the images run in batches (module docstring) and the outputs come back in order.
 
     ``predictor(images)`` with a list of (H, W, C) BGR uint8 arrays returns a list of the
@@ -250,14 +278,25 @@ class BatchPredictor(DefaultPredictor):
     """
 
     def __init__(self, cfg, batch_size: int = 8):
+        # DefaultPredictor.__init__'s steps, with up2's checkpointer (inference checkpoint folders,
+        # no pickle without MODEL.ALLOW_PICKLE_WEIGHTS) instead of detectron2's
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         cfg = cfg.clone()
         cfg.defrost()
-        cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # $VAR, ~ (DefaultPredictor loads it)
+        cfg.MODEL.WEIGHTS = expand_path(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")  # $VAR, ~
+        cfg = config_for_weights(cfg)
         cfg.freeze()
-        super().__init__(cfg)
-        prepare_for_inference(self.model)  # the inference rewrites (up2.modeling.inference)
+        if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
+            raise ValueError(f"cfg.INPUT.FORMAT={cfg.INPUT.FORMAT!r}: expected 'RGB' or 'BGR'")
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        UP2Checkpointer(self.model, allow_pickle=cfg.MODEL.get("ALLOW_PICKLE_WEIGHTS", False)).load(cfg.MODEL.WEIGHTS)
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.input_format = cfg.INPUT.FORMAT
+        prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.batch_size = int(batch_size)
 
     def preprocess(self, original_image: np.ndarray, index: int = 0) -> dict:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from typing import Dict, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from up2.utils.parameter_count import parameter_counts  # noqa: E402  (the model card counts the same way)
+
 PARTS = ("backbone", "proposal_network", "image_encoder", "text_encoder", "unified_decoder")
 
 
@@ -64,23 +65,6 @@ def build_meta_model(config_path: str, text_folder: str):
     cfg = resolve_task_data(cfg)  # class names from the datasets' metadata (no files are read)
     with torch.device("meta"):
         return build_model(cfg)
-
-
-def parameter_counts(model) -> Tuple[int, int, Dict[str, int]]:
-    """(full count, deployment count, full count per top-level part) of ``model``.
-
-    The deployment count counts each ``ConditionalMoE`` with k of its E experts (Tab. 6's rule).
-    """
-    from up2.modeling.moe import ConditionalMoE
-
-    full = sum(p.numel() for p in model.parameters())
-    unused = 0
-    for m in model.modules():
-        if isinstance(m, ConditionalMoE):
-            per_expert = sum(p[0].numel() for p in (m.w1, m.b1, m.w2, m.b2))
-            unused += (m.num_experts - m.top_k) * per_expert
-    parts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
-    return full, full - unused, parts
 
 
 def main(argv=None):

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Convert a torchvision ResNet state dict to detectron2's ResNet naming (the up2_R50 backbone).
 
-    python projects/convert/convert_resnet_torchvision.py --input resnet50.pth --output R-50.pkl
+    python projects/convert/convert_resnet_torchvision.py --input resnet50.pth --output R-50.safetensors
 
-Then set ``MODEL.WEIGHTS R-50.pkl`` with ``MODEL.RESNETS.STRIDE_IN_1X1 False`` (torchvision puts
-the stride on the 3x3 conv), ``MODEL.RESNETS.DEPTH 50`` and the RGB ImageNet pixel mean / std
-(``add_up2_config``'s defaults). The output is a detectron2 model-zoo pickle
-``{"model": numpy arrays, "__author__": "torchvision", "matching_heuristics": True}``: keys are
-relative to the ResNet (``stem.conv1.weight``, ``res2.0.conv1.norm.weight``...), and the
-checkpointer's name matching finds them under any module path (``backbone.``,
-``backbone.bottom_up.``...).
+Then set ``MODEL.WEIGHTS R-50.safetensors`` with ``MODEL.RESNETS.STRIDE_IN_1X1 False`` (torchvision
+puts the stride on the 3x3 conv), ``MODEL.RESNETS.DEPTH 50`` and the RGB ImageNet pixel mean / std
+(``add_up2_config``'s defaults). The output holds tensors only (``.safetensors`` with metadata
+``__author__: torchvision, matching_heuristics: True``, or a ``.pth`` of
+``{"model": tensors, "__author__", "matching_heuristics"}``): keys are relative to the ResNet
+(``stem.conv1.weight``, ``res2.0.conv1.norm.weight``...), and the checkpointer's name matching
+finds them under any module path (``backbone.``, ``backbone.bottom_up.``...).
 
 Renames: ``conv1`` -> ``stem.conv1``; ``bn1`` -> ``stem.conv1.norm``; ``layer<s>.<b>.conv<j>``
 -> ``res<s+1>.<b>.conv<j>``; ``layer<s>.<b>.bn<j>`` -> ``res<s+1>.<b>.conv<j>.norm``;
@@ -87,10 +87,13 @@ def convert_resnet_state_dict(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="torchvision ResNet state dict (.pth)")
-    parser.add_argument("--output", required=True, help="detectron2 checkpoint to write (.pkl or .pth)")
+    parser.add_argument("--output", required=True, help="weights to write (.safetensors, or .pth of tensors)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a .pkl input (or a torch file with non-tensor objects) with pickle, which runs any "
+                             "code it holds: trusted files only")
     args = parser.parse_args(argv)
 
-    state_dict = load_state_dict(args.input)
+    state_dict = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     try:
         converted, dropped = convert_resnet_state_dict(state_dict)
     except ValueError as e:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Convert a timm (or original Microsoft) Swin Transformer state dict for up2's ``D2SwinTransformer``.
 
-    python projects/convert/convert_swin_timm.py --input swin_base_patch4_window12_384.pth --output swin_b.pkl
+    python projects/convert/convert_swin_timm.py --input swin_base_patch4_window12_384.pth --output swin_b.safetensors
 
-Then set ``MODEL.WEIGHTS swin_b.pkl`` (detectron2's ``DetectionCheckpointer`` loads it).
+Then set ``MODEL.WEIGHTS swin_b.safetensors`` (``up2.checkpoint.UP2Checkpointer`` loads it; a
+``.pth`` output of tensors works too).
 
 Key mapping (timm -> up2): ``patch_embed.*`` -> ``<prefix>patch_embed.*`` and
 ``layers.<i>.*`` -> ``<prefix>layers_<i>.*`` with ``<prefix>`` = ``backbone.swin.`` (the module
@@ -92,13 +93,16 @@ def convert_swin_state_dict(
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="timm / Swin state dict (.pth, .bin, .safetensors)")
-    parser.add_argument("--output", required=True, help="detectron2 checkpoint to write (.pkl or .pth)")
+    parser.add_argument("--output", required=True, help="weights to write (.safetensors, or .pth of tensors)")
     parser.add_argument("--prefix", default="backbone.swin.", help="module path of the timm Swin in the model")
     parser.add_argument("--input-prefix", default="",
                         help="module path of the Swin inside the input ('backbone.0.' in a DINO detection checkpoint)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read a .pkl input (or a torch file with non-tensor objects) with pickle, which runs any "
+                             "code it holds: trusted files only")
     args = parser.parse_args(argv)
 
-    state_dict = load_state_dict(args.input)
+    state_dict = load_state_dict(args.input, allow_pickle=args.allow_pickle)
     try:
         converted, dropped = convert_swin_state_dict(select_prefix(state_dict, args.input_prefix), args.prefix)
     except ValueError as e:

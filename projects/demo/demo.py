@@ -4,6 +4,9 @@
     python projects/demo/demo.py --config-file configs/tiny/inst_shapes.yaml \
         --input photo1.jpg photo2.png --output out/ --opts MODEL.WEIGHTS output/model_final.pth
 
+``MODEL.WEIGHTS`` may be an inference checkpoint folder (``up2.checkpoint``), with
+``--config-file <folder>/config.yaml``.
+
 Any image mode works (grayscale, RGBA, CMYK, 16-bit; EXIF orientation honoured). For every
 input ``X.ext`` it writes ``<output>/X.png`` (the drawing) and prints the detection count.
 """
@@ -18,13 +21,12 @@ from PIL import Image
 
 from detectron2.config import get_cfg
 from detectron2.data.catalog import Metadata
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import up2  # noqa: F401  (registers the model and datasets)
 from up2 import add_up2_config
 from up2.data.image_io import read_image
-from up2.modeling.inference import prepare_for_inference
+from up2.predictor import BatchPredictor
 from up2.utils import atomic_write
 
 
@@ -76,8 +78,8 @@ def run(cfg, inputs: List[str], output: str, threshold: float = 0.3) -> List[dic
     """
     out_paths = drawing_paths(inputs, output)
     os.makedirs(output, exist_ok=True)
-    predictor = DefaultPredictor(cfg)
-    model = prepare_for_inference(predictor.model)  # the inference rewrites (up2.modeling.inference)
+    predictor = BatchPredictor(cfg)  # DefaultPredictor + up2's checkpoint formats and inference rewrites
+    model = predictor.model
     if model.default_task is None:
         raise ValueError(f"{cfg.MODEL.WEIGHTS or 'the model'}: several tasks {sorted(model.tasks)} and no "
                          "MODEL.DEFAULT_TASK; add --opts MODEL.DEFAULT_TASK <a detection task>")

@@ -3,13 +3,13 @@ weight file is an error naming the file and the command that makes it, unless th
 into random initialisation; a checkpoint written by the converter is found through $UP2_WEIGHTS
 and loaded by the trainer."""
 import importlib.util
-import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from detectron2.config import get_cfg
+from safetensors.torch import load_file
 
 import up2  # noqa: F401
 from conftest import REPO_ROOT, tiny_cfg
@@ -73,8 +73,8 @@ def test_missing_backbone_file_names_file_and_converter(name, converter, source,
 
 def test_unset_variable_and_empty_or_conflicting_keys_are_refused(monkeypatch):
     monkeypatch.delenv("UP2_WEIGHTS", raising=False)
-    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS='\$UP2_WEIGHTS/R-50.pkl' uses the environment variable "
-                                         r"\$UP2_WEIGHTS, which is not set"):
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS='\$UP2_WEIGHTS/R-50.safetensors' uses the environment "
+                                         r"variable \$UP2_WEIGHTS, which is not set"):
         check_pretrained_weights(_load("up2_R50"))
     cfg = _load("tiny/Base-tiny")
     cfg.MODEL.BACKBONE.RANDOM_INIT = False
@@ -87,7 +87,7 @@ def test_unset_variable_and_empty_or_conflicting_keys_are_refused(monkeypatch):
 
 def test_missing_text_encoder_weights_names_file_and_command(tmp_path, monkeypatch):
     monkeypatch.setenv("UP2_WEIGHTS", str(tmp_path))
-    (tmp_path / "R-50.pkl").touch()  # the backbone is there: only the text encoder is missing
+    (tmp_path / "R-50.safetensors").touch()  # the backbone is there: only the text encoder is missing
     roberta = tmp_path / "roberta-base"
     roberta.mkdir()
     (roberta / "config.json").write_text("{}")
@@ -98,7 +98,7 @@ def test_missing_text_encoder_weights_names_file_and_command(tmp_path, monkeypat
     assert str(roberta / "model.safetensors") in msg and "MODEL.TEXT_ENCODER.RANDOM_INIT True" in msg
     assert "hf download FacebookAI/roberta-base" in msg and f"--local-dir {roberta}" in msg
     cfg.MODEL.TEXT_ENCODER.RANDOM_INIT = True
-    assert check_pretrained_weights(cfg) == str(tmp_path / "R-50.pkl")
+    assert check_pretrained_weights(cfg) == str(tmp_path / "R-50.safetensors")
 
 
 def test_text_encoder_without_weights_loads_only_with_random_init(tmp_path):
@@ -120,12 +120,12 @@ def test_swin_input_prefix_keeps_the_backbone_of_a_detection_checkpoint(tmp_path
     detector = {"backbone.0.patch_embed.proj.weight": t, "backbone.0.layers.0.blocks.0.norm1.weight": t + 1,
                 "backbone.0.norm3.weight": t, "transformer.decoder.weight": t}
     torch.save({"model": detector}, tmp_path / "o365.pth")
-    out = tmp_path / "swin_l.pkl"
-    assert swin.main(["--input", str(tmp_path / "o365.pth"), "--input-prefix", "backbone.0.", "--output", str(out)]) == 0
-    with open(out, "rb") as f:
-        model = pickle.load(f)["model"]  # detectron2's model-zoo format: numpy arrays
+    out = tmp_path / "swin_l.safetensors"
+    args = ["--input", str(tmp_path / "o365.pth"), "--input-prefix", "backbone.0.", "--output", str(out)]
+    assert swin.main(args) == 0
+    model = load_file(str(out))
     assert sorted(model) == ["backbone.swin.layers_0.blocks.0.norm1.weight", "backbone.swin.patch_embed.proj.weight"]
-    assert (model["backbone.swin.layers_0.blocks.0.norm1.weight"] == (t + 1).numpy()).all()
+    assert torch.equal(model["backbone.swin.layers_0.blocks.0.norm1.weight"], t + 1)
     with pytest.raises(ValueError, match="no key starts with --input-prefix 'backbone.1.'"):
         swin.select_prefix(detector, "backbone.1.")
 
@@ -138,16 +138,16 @@ def test_converted_backbone_is_found_via_env_var_and_loaded(shapes_datasets, tmp
     resnet = _script("convert_resnet_torchvision")
     monkeypatch.setenv("UP2_WEIGHTS", str(tmp_path / "weights"))
     cfg = tiny_cfg(**{"OUTPUT_DIR": str(tmp_path / "out"), "SOLVER.MAX_ITER": 1, "MODEL.BACKBONE.RANDOM_INIT": False,
-                      "MODEL.WEIGHTS": "$UP2_WEIGHTS/R-18.pkl"})
+                      "MODEL.WEIGHTS": "$UP2_WEIGHTS/R-18.safetensors"})
     trainer = UP2Trainer(cfg)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "weights" / "R-18.pkl")):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "weights" / "R-18.safetensors")):
         trainer.resume_or_load(resume=False)
 
     torch.manual_seed(1)
     source = resnet18().state_dict()  # random weights standing in for torchvision's ImageNet ones
     converted, _ = resnet.convert_resnet_state_dict(source)
     (tmp_path / "weights").mkdir()
-    resnet.save_d2_checkpoint(converted, tmp_path / "weights" / "R-18.pkl", author="torchvision",
+    resnet.save_d2_checkpoint(converted, tmp_path / "weights" / "R-18.safetensors", author="torchvision",
                               matching_heuristics=True)
     backbone = trainer.model.backbone
     assert not torch.allclose(backbone.stem.conv1.weight, source["conv1.weight"])

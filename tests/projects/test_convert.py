@@ -1,5 +1,6 @@
-"""projects/convert: timm Swin and torchvision ResNet checkpoints -> detectron2, loaded by
-DetectionCheckpointer, checked weight by weight and against the source networks' outputs."""
+"""projects/convert: timm Swin and torchvision ResNet checkpoints -> safetensors / .pth of tensors,
+loaded by up2's checkpointer (MODEL.WEIGHTS), checked weight by weight and against the source
+networks' outputs; pickles are neither written nor read without --allow-pickle."""
 import importlib.util
 import re
 from pathlib import Path
@@ -11,11 +12,11 @@ from torch import nn
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling.backbone import build_resnet_backbone  # noqa: E402
 
+from up2.checkpoint import PickleRefusedError, UP2Checkpointer  # noqa: E402
 from up2.modeling.backbone.swin import D2SwinTransformer  # noqa: E402
 
 CONVERT = Path(__file__).resolve().parents[2] / "projects" / "convert"
@@ -75,7 +76,7 @@ def _our_swin():
     ).eval()
 
 
-@pytest.mark.parametrize("ext", [".pkl", ".pth"])
+@pytest.mark.parametrize("ext", [".safetensors", ".pth"])
 def test_swin_timm_roundtrip(tmp_path, ext):
     ref = _timm_swin()
     src = tmp_path / "timm_swin.pth"
@@ -84,8 +85,10 @@ def test_swin_timm_roundtrip(tmp_path, ext):
     assert swin_cv.main(["--input", str(src), "--output", str(dst)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, dst.name])  # no temp file left
 
+    if ext == ".pth":  # tensors only: readable without unpickling code
+        assert torch.load(dst, weights_only=True)["__author__"] == "timm"
     model = _our_swin()
-    DetectionCheckpointer(model).load(str(dst))
+    UP2Checkpointer(model).load(str(dst))
     ours = model.state_dict()
     converted, dropped = swin_cv.convert_swin_state_dict(ref.state_dict())
     assert set(converted) == set(ours)  # nothing missing, nothing unexpected
@@ -134,12 +137,12 @@ def test_resnet_torchvision_roundtrip(tmp_path):
     _randomise(tv, seed=1)
     src = tmp_path / "resnet50.pth"
     torch.save(tv.state_dict(), src)
-    dst = tmp_path / "R-50.pkl"
+    dst = tmp_path / "R-50.safetensors"
     assert resnet_cv.main(["--input", str(src), "--output", str(dst)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, dst.name])
 
     model = _d2_resnet50()
-    DetectionCheckpointer(model).load(str(dst))
+    UP2Checkpointer(model).load(str(dst))  # ResNet-relative keys: the metadata asks for name matching
     converted, dropped = resnet_cv.convert_resnet_state_dict(tv.state_dict())
     assert {"backbone." + k for k in converted} == set(model.state_dict())
     assert {"fc.weight", "fc.bias"} <= set(dropped)
@@ -161,7 +164,7 @@ def test_resnet_torchvision_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("script", [swin_cv, resnet_cv])
 def test_bad_inputs_name_the_file(tmp_path, script):
-    dst = tmp_path / "out.pkl"
+    dst = tmp_path / "out.safetensors"
     missing = tmp_path / "missing.pth"
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         script.main(["--input", str(missing), "--output", str(dst)])
@@ -181,3 +184,42 @@ def test_resnet_unknown_key_is_named():
     sd = {"conv1.weight": torch.zeros(64, 3, 7, 7), "layer1.0.se.fc.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match=r"layer1\.0\.se\.fc\.weight"):
         resnet_cv.convert_resnet_state_dict(sd)
+
+
+class _RunsCode:
+    """Unpickling this object writes a marker file (as a malicious checkpoint could run anything)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_converters_write_no_pickle_and_read_one_only_with_allow_pickle(tmp_path):
+    import pickle
+
+    from safetensors.torch import load_file
+
+    with pytest.raises(ValueError, match=r"R-50.pkl.*expected a .safetensors or .pth file name"):
+        resnet_cv.save_d2_checkpoint({"a": torch.zeros(1)}, tmp_path / "R-50.pkl", "torchvision", True)
+    tv = torchvision.models.resnet18(weights=None).state_dict()
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pkl"
+    with open(evil, "wb") as f:  # detectron2's model-zoo layout, plus an object that runs code when unpickled
+        pickle.dump({"model": {k: v.numpy() for k, v in tv.items()}, "__author__": _RunsCode(marker)}, f)
+    evil_pth = tmp_path / "evil.pth"
+    torch.save({"model": tv, "extra": _RunsCode(marker)}, evil_pth)
+    out = tmp_path / "R-18.safetensors"
+    for src in (evil, evil_pth):
+        with pytest.raises(PickleRefusedError, match=rf"{src.name}.*--allow-pickle"):
+            resnet_cv.main(["--input", str(src), "--output", str(out)])
+        assert not marker.exists() and not out.exists()  # nothing was unpickled, nothing written
+
+    plain = tmp_path / "zoo.pkl"  # a trusted model-zoo pickle of numpy arrays converts with the opt-in
+    with open(plain, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in tv.items()}, "__author__": "torchvision"}, f)
+    assert resnet_cv.main(["--input", str(plain), "--output", str(out), "--allow-pickle"]) == 0
+    converted, _ = resnet_cv.convert_resnet_state_dict(tv)
+    written = load_file(str(out))
+    assert set(written) == set(converted) and all(torch.equal(written[k], converted[k]) for k in converted)

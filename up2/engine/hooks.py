@@ -4,7 +4,7 @@ from __future__ import annotations
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-__all__ = ["ProgressBar"]
+__all__ = ["ProgressBar", "ExportInferenceCheckpoint"]
 
 
 class ProgressBar(HookBase):
@@ -33,3 +33,27 @@ class ProgressBar(HookBase):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class ExportInferenceCheckpoint(HookBase):
+    """At the end of training, write the inference checkpoint (``up2.checkpoint``: weights as
+    safetensors, config, class names and vocabularies, model card with the last evaluation's
+    metrics) to ``folder``, next to detectron2's ``model_final.pth`` (main process only).
+
+    Nothing is written when training stopped early (an exception before the last iteration).
+    Register it after detectron2's EvalHook, whose ``after_train`` runs the final evaluation.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def after_train(self):
+        trainer = self.trainer
+        # detectron2's train loop leaves iter == max_iter only after its last step succeeded
+        if not comm.is_main_process() or trainer.iter < trainer.max_iter:
+            return
+        from up2.checkpoint import save_inference_checkpoint
+
+        save_inference_checkpoint(trainer.model, trainer.cfg, self.folder,
+                                  metrics=getattr(trainer, "_last_eval_results", None), iteration=trainer.max_iter,
+                                  source=f"training in {trainer.cfg.OUTPUT_DIR}")

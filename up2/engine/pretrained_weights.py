@@ -6,8 +6,9 @@ ImageNet-21k, Swin-L on ImageNet-21k then Objects365 detection, and RoBERTa-base
 would otherwise train those parts from random weights without a word, so a training start
 (not a resume from OUTPUT_DIR) checks them first:
 
-- backbone: ``MODEL.WEIGHTS`` (detectron2's initial checkpoint, loaded by
-  ``DetectionCheckpointer``) must name an existing file, unless
+- backbone: ``MODEL.WEIGHTS`` (the initial checkpoint, loaded by
+  ``up2.checkpoint.UP2Checkpointer``) must name an existing file (or an up2 inference
+  checkpoint folder; a ``.pkl`` only with ``MODEL.ALLOW_PICKLE_WEIGHTS``), unless
   ``MODEL.BACKBONE.RANDOM_INIT`` is True (then MODEL.WEIGHTS must be empty);
 - text encoder: the folder ``MODEL.TEXT_ENCODER.NAME`` must hold weights, unless
   ``MODEL.TEXT_ENCODER.RANDOM_INIT`` is True.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+from up2.checkpoint.checkpointer import PickleRefusedError, pickle_refused_message
+from up2.checkpoint.inference_checkpoint import is_inference_checkpoint, read_format
 from up2.modeling.text_encoder import check_text_model_weights
 from up2.utils.paths import expand_path
 
@@ -60,7 +63,7 @@ def backbone_weights_recipe(cfg, output: str) -> str:
                     f"{_CONVERT}/convert_swin_timm.py --input swin_in22k/model.safetensors --output {out}`")
 
         if model.startswith("swin_large"):  # §5.2: ImageNet-21k, then Objects365 detection
-            substitute = os.path.join(os.path.dirname(output), f"{model}_in22k.pkl")
+            substitute = os.path.join(os.path.dirname(output), f"{model}_in22k.safetensors")
             return ("the paper's Swin-L is ImageNet-21k then Objects365 pretrained: convert the Swin of such a "
                     f"detection checkpoint with `python {_CONVERT}/convert_swin_timm.py --input <ckpt> --input-prefix "
                     f"<its backbone prefix, e.g. backbone.0.> --output {output}`; an ImageNet-21k-only substitute "
@@ -80,9 +83,11 @@ def check_backbone_weights(cfg) -> str:
     Raises:
         FileNotFoundError: MODEL.WEIGHTS is empty without RANDOM_INIT, or names no file; the
             message names the expected file and the converter command.
-        IsADirectoryError: MODEL.WEIGHTS is a folder.
+        IsADirectoryError: MODEL.WEIGHTS is a folder that is not an up2 inference checkpoint.
         ValueError: RANDOM_INIT together with a non-empty MODEL.WEIGHTS, or MODEL.WEIGHTS uses
-            an environment variable that is not set.
+            an environment variable that is not set, or is an inference checkpoint of a format
+            version this up2 cannot read.
+        PickleRefusedError (a ValueError): a ``.pkl`` without MODEL.ALLOW_PICKLE_WEIGHTS.
     """
     raw = cfg.MODEL.WEIGHTS
     if cfg.MODEL.BACKBONE.RANDOM_INIT:
@@ -101,7 +106,13 @@ def check_backbone_weights(cfg) -> str:
     if "://" in path:
         return path
     if os.path.isdir(path):
-        raise IsADirectoryError(f"MODEL.WEIGHTS={raw!r} is the folder {path!r}; expected a checkpoint file")
+        if is_inference_checkpoint(path):  # fine-tuning a shared up2 model (up2.checkpoint)
+            read_format(path)
+            return path
+        raise IsADirectoryError(f"MODEL.WEIGHTS={raw!r} is the folder {path!r}; expected a checkpoint file or an "
+                                "up2 inference checkpoint folder (with up2_checkpoint.json)")
+    if path.endswith(".pkl") and not cfg.MODEL.ALLOW_PICKLE_WEIGHTS and os.path.isfile(path):
+        raise PickleRefusedError(pickle_refused_message(f"MODEL.WEIGHTS={raw!r}"))
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"MODEL.WEIGHTS={raw!r}: the pretrained backbone weights {path!r} do not exist. "

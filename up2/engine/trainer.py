@@ -6,7 +6,9 @@ every task on its test datasets with its own evaluator and prints one table per 
 
 Class names and dataset vocabularies are resolved from the training datasets once, when the
 trainer is built (``resolve_task_data``), and every checkpoint carries them under
-``up2_task_data``, so a trained model predicts without its training data.
+``up2_task_data``, so a trained model predicts without its training data. At the end of training
+the inference checkpoint (``up2.checkpoint``: safetensors weights, config, task data, model card)
+is written to ``OUTPUT_DIR/model_final_inference``, next to ``model_final.pth`` (kept for ``--resume``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -28,9 +29,10 @@ from detectron2.utils.events import JSONWriter
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
+from up2.checkpoint import FINAL_FOLDER, UP2Checkpointer
 from up2.data.multitask import MixedTaskSampler, MultiTaskLoader, UnmixedTaskSampler
 from up2.data.samplers import ResumableTrainingSampler
-from up2.engine.hooks import ProgressBar
+from up2.engine.hooks import ExportInferenceCheckpoint, ProgressBar
 from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
 from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
@@ -238,8 +240,8 @@ class UP2Trainer(DefaultTrainer):
         amp = cfg.SOLVER.AMP.DTYPE if cfg.SOLVER.AMP.ENABLED else None
         self._trainer = MultiTaskStep(model, loader, optimizer, self.specs, amp_dtype=amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self),
-                                                  **{TASK_DATA_KEY: TaskDataRecord(self.specs)})
+        self.checkpointer = UP2Checkpointer(model, cfg.OUTPUT_DIR, allow_pickle=cfg.MODEL.ALLOW_PICKLE_WEIGHTS,
+                                            trainer=weakref.proxy(self), **{TASK_DATA_KEY: TaskDataRecord(self.specs)})
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -275,9 +277,13 @@ class UP2Trainer(DefaultTrainer):
         return writers
 
     def build_hooks(self):
+        """detectron2's hooks, a progress bar (UP2_PROGRESS_BAR), and last the export of the
+        inference checkpoint to ``OUTPUT_DIR/model_final_inference`` (after the final evaluation,
+        whose metrics go into its model card; ``up2.checkpoint``)."""
         hooks = super().build_hooks()
         if self.cfg.UP2_PROGRESS_BAR:
             hooks.insert(0, ProgressBar(self.cfg.SOLVER.MAX_ITER))
+        hooks.append(ExportInferenceCheckpoint(os.path.join(self.cfg.OUTPUT_DIR, FINAL_FOLDER)))
         return hooks
 
     def state_dict(self):

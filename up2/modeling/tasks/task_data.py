@@ -37,15 +37,18 @@ def task_data_of(specs: Dict[str, TaskSpec]) -> dict:
 
 
 def read_checkpoint_task_data(path: str) -> Optional[dict]:
-    """The task data stored in an up2 checkpoint, or None when ``path`` is empty, a ``.pkl``
-    (detectron2 model-zoo format), or a checkpoint without it (e.g. a converted backbone).
+    """The task data stored in an up2 checkpoint (a training checkpoint file, or an inference
+    checkpoint folder: its task_data.json), or None when ``path`` is empty, a ``.pkl`` (detectron2
+    model-zoo format), a ``.safetensors`` file or a checkpoint without it (e.g. a converted backbone).
 
     Read with ``torch.load(weights_only=True, mmap=True)``: nothing is unpickled beyond
     tensors and plain containers, and the weights are not read into memory.
 
     Raises:
-        FileNotFoundError / IsADirectoryError: ``path`` is set but is not a file.
-        ValueError: not a torch checkpoint, the stored task data has another format version, or
+        FileNotFoundError / IsADirectoryError: ``path`` is set but is neither a file nor an
+            inference checkpoint folder.
+        ValueError: not a torch checkpoint, an inference checkpoint of a format version this up2
+            cannot read, the stored task data has another format version, or
             ``path`` uses an environment variable that is not set (``$VAR`` and ``~`` are expanded).
     """
     if not path:
@@ -54,11 +57,27 @@ def read_checkpoint_task_data(path: str) -> Optional[dict]:
 
     local = PathManager.get_local_path(expand_path(path, "MODEL.WEIGHTS"))
     if os.path.isdir(local):
-        raise IsADirectoryError(f"MODEL.WEIGHTS={path!r} is a folder; expected a checkpoint file (e.g. model_final.pth)")
-    if not os.path.isfile(local):
+        from up2.checkpoint.inference_checkpoint import is_inference_checkpoint, read_task_data
+
+        if not is_inference_checkpoint(local):
+            raise IsADirectoryError(f"MODEL.WEIGHTS={path!r} is a folder without up2_checkpoint.json; expected a "
+                                    "checkpoint file (e.g. model_final.pth) or an up2 inference checkpoint folder")
+        data = read_task_data(local)  # up2.checkpoint: the folder's task_data.json, format version checked
+    elif not os.path.isfile(local):
         raise FileNotFoundError(f"MODEL.WEIGHTS={path!r}: no such file")
-    if local.endswith(".pkl"):  # detectron2 model-zoo pickles (converted backbones) carry no task data
+    elif local.endswith((".pkl", ".safetensors")):  # model-zoo pickles, converted backbones: no task data
         return None
+    else:
+        data = _torch_checkpoint_task_data(local, path)
+    if data is None:
+        return None
+    if data.get("version") != _TASK_DATA_VERSION:
+        raise ValueError(f"{path}: task data format version {data.get('version')!r}; "
+                         f"this up2 reads version {_TASK_DATA_VERSION}")
+    return data
+
+
+def _torch_checkpoint_task_data(local: str, path: str) -> Optional[dict]:
     import pickle
 
     import torch
@@ -71,13 +90,7 @@ def read_checkpoint_task_data(path: str) -> Optional[dict]:
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
         raise ValueError(f"MODEL.WEIGHTS={path!r} is not a readable torch checkpoint (read with weights_only=True): "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    data = ckpt.get(TASK_DATA_KEY) if isinstance(ckpt, dict) else None
-    if data is None:
-        return None
-    if data.get("version") != _TASK_DATA_VERSION:
-        raise ValueError(f"{path}: task data format version {data.get('version')!r}; "
-                         f"this up2 reads version {_TASK_DATA_VERSION}")
-    return data
+    return ckpt.get(TASK_DATA_KEY) if isinstance(ckpt, dict) else None
 
 
 def _with_task_data(cfg, fill) -> "object":
