@@ -10,6 +10,8 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from up2.utils.host_sync import to_device
+
 from .checks import ShapesLike, check_core_inputs, shapes_as_list
 from .reference import ms_deform_attn_core_pytorch
 from .routing import select_path
@@ -124,7 +126,7 @@ def ms_deform_attn_core(
             if torch.is_tensor(spatial_shapes):  # stays on the device: no host round trip
                 shapes_t = spatial_shapes.to(device=value.device, dtype=torch.int64)
             else:
-                shapes_t = torch.tensor(shapes, dtype=torch.int64, device=value.device)
+                shapes_t = to_device(shapes, value.device, torch.int64)  # non-blocking copy
             out = _TritonMSDA.apply(value, shapes_t, sampling_locations, attention_weights)
         elif path == "compiled_reference":
             out = _compiled_reference()(
