@@ -179,9 +179,8 @@ class ImageEncoder(nn.Module):
         N, _, h, w = feature.shape
         x = self.global_proj(feature)  # (N, d, h, w)
         pad = torch.ones(N, h, w, dtype=torch.bool, device=x.device)
-        for i, (H, W) in enumerate(image_sizes):
-            hv = max(1, -(-H // self.global_stride))
-            wv = max(1, -(-W // self.global_stride))
+        for i, size in enumerate(image_sizes):
+            hv, wv = self._valid_cells(size)
             pad[i, :hv, :wv] = False
         pos = position_encoding_2d(pad, self.embed_dim - self.embed_dim % 4 or 4)
         if pos.shape[1] != self.embed_dim:
@@ -194,6 +193,11 @@ class ImageEncoder(nn.Module):
         pooled = self.attn_pool(x, pad) + self.type_embed.weight[ATTN_POOL].to(x.dtype)
         pooled_pad = torch.zeros(N, pooled.shape[1], dtype=torch.bool, device=x.device)
         return torch.cat([pooled, x], dim=1), torch.cat([pooled_pad, pad], dim=1)
+
+    def _valid_cells(self, image_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Rows and columns of global-token cells that hold some of an (H, W) image."""
+        H, W = image_size
+        return max(1, -(-H // self.global_stride)), max(1, -(-W // self.global_stride))
 
     def regional_tokens(self, proposals: ProposalOutput, index: torch.Tensor, masks: Optional[torch.Tensor] = None
                         ) -> torch.Tensor:
@@ -238,9 +242,12 @@ class ImageEncoder(nn.Module):
         r_tokens = self.regional_tokens(proposals, index, masks)
         r_pad = torch.zeros(r_tokens.shape[:2], dtype=torch.bool, device=r_tokens.device)
         G, R = g_tokens.shape[1], r_tokens.shape[1]
+        h, w = feature.shape[-2:]
         batch = TokenBatch(
             tokens=torch.cat([g_tokens, r_tokens.to(g_tokens.dtype)], dim=1),
             padding_mask=torch.cat([g_pad, r_pad], dim=1),
             segments={GLOBAL_SEGMENT: slice(0, G), REGIONAL_SEGMENT: slice(G, G + R)},
+            # known on the host: only global cells wholly in the padding are masked
+            has_padding=any(self._valid_cells(size) != (h, w) for size in image_sizes),
         )
         return ImageTokens(batch=batch, regional_start=g_tokens.shape[1], regional_index=index, regional_masks=masks)
