@@ -83,3 +83,33 @@ def test_inference_forward_host_syncs(shapes_datasets, tmp_path, task_type):
     report = count_inference_forward(_trainer(task_type, tmp_path), task_type)
     print(task_type, report.summary(40))
     assert report.total <= INFERENCE_LIMIT, report.summary(40)
+
+
+def test_counter_counts_each_kind_and_leaves_host_work_out():
+    """The counter itself: every listed kind is counted once per call; host tensors (from
+    ``.cpu()``, built without a device, derived from those), ``cpu_only`` blocks and passing
+    ``device_assert`` checks are not; a failing ``device_assert`` raises ValueError on the CPU."""
+    from up2.utils.host_sync import cpu_only, device_assert, to_device
+
+    x = torch.arange(6.0)
+    mask = x > 2
+    with count_host_syncs() as report:
+        x.sum().item()
+        x.nonzero()
+        torch.unique(x)
+        x[mask]
+        x.tolist()
+        host = x.cpu()
+        torch.tensor([1, 2], device=x.device)
+        host.tolist(), host[host > 2], (host * 2).sum().item()  # host work: free
+        torch.tensor([3.0, 4.0]).max().item()  # built on the host: free
+        with cpu_only():
+            x.max().item()
+        device_assert(x >= 0, "never raised")
+        to_device([1, 2, 3], x.device)
+    kinds = report.by_kind()
+    assert kinds == {"item": 1, "nonzero": 1, "unique": 1, "bool_index": 1, "tolist": 1, "cpu": 1,
+                     "tensor(device=)": 1}, report.summary()
+    assert all(e.site.startswith("test_host_syncs.py:") for e in report.events), report.summary()
+    with pytest.raises(ValueError, match="negative"):
+        device_assert(x < 3, "negative")

@@ -15,8 +15,14 @@ Usage::
         loss = model(batch); loss.backward()
     print(report.total, report.by_site().most_common(5))
 
-Tensors that stay on the host in a GPU run too (e.g. an optimizer's CPU step counters) can be left
-out with ``ignore=`` (tensors whose storage is ignored).
+Tensors that stay on the host in a GPU run too are not counted: those passed as ``ignore=`` (e.g.
+an optimizer's CPU step counters), what ``.cpu()`` returned, what was built from host data without
+a device, and what ops computed from such tensors only.
+
+Helpers for code that must not synchronise: :func:`device_assert` (a check of device values:
+immediate on the CPU, ``torch._assert_async`` elsewhere), :func:`to_device` (host data to the device
+through pinned memory, non-blocking) and :func:`cpu_only` (marks a block that a device check
+limits to CPU tensors).
 """
 from __future__ import annotations
 
@@ -48,7 +54,7 @@ _SYNC_OPS = {
 }
 _UNIQUE_OPS = {"_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive"}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../up2
-_NOT_COUNTED = threading.local()  # .depth > 0 inside device_assert's host check on the CPU
+_NOT_COUNTED = threading.local()  # .depth > 0 inside a cpu_only block (device_assert's CPU check too)
 
 
 def device_assert(condition: torch.Tensor, message: str, error: type = ValueError) -> None:
