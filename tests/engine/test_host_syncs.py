@@ -21,11 +21,14 @@ TRAIN_LIMIT = 10  # per training iteration (issue 17 item 2)
 INFERENCE_LIMIT = 5  # per inference forward, besides copying the result out
 
 
-def _trainer(task_type, out_dir):
-    train, test, keys = TASKS[task_type]
-    cfg = tiny_cfg(task_type=None, **{"OUTPUT_DIR": str(out_dir), "SOLVER.OPTIMIZER": "TBGN", "SOLVER.MAX_ITER": 4,
+@pytest.fixture(scope="module")
+def trainer(shapes_datasets, tmp_path_factory):
+    """One tiny trainer with every task type (task name = type), MoE on, TBGN, 2 images per batch."""
+    cfg = tiny_cfg(task_type=None, **{"OUTPUT_DIR": str(tmp_path_factory.mktemp("host_syncs")),
+                                      "SOLVER.OPTIMIZER": "TBGN", "SOLVER.MAX_ITER": 4,
                                       "MODEL.UNIFIED_DECODER.MOE.ENABLED": True})
-    add_task(cfg, "T", task_type, train, test, IMS_PER_BATCH=2, **keys)
+    for task_type, (train, test, keys) in TASKS.items():
+        add_task(cfg, task_type, task_type, train, test, IMS_PER_BATCH=2, **keys)
     cfg.freeze()
     seed_everything(0)
     trainer = UP2Trainer(cfg)
@@ -33,54 +36,65 @@ def _trainer(task_type, out_dir):
     return trainer
 
 
-def count_training_iteration(trainer):
-    """HostSyncReport of the second training iteration (the first initialises the optimizer state),
-    its batch drawn before counting (data loading stays on the host on a GPU too)."""
+def count_training_iteration(trainer, name: str):
+    """HostSyncReport of a training iteration of task ``name`` after an uncounted one (which
+    initialises optimizer state and caches), its batch drawn before counting (data loading stays
+    on the host on a GPU too)."""
     step = trainer._trainer
     loader = step.loader
-    with EventStorage(0) as storage:
-        for it in range(2):
-            step.iter = storage.iter = it
-            batch = loader.next_batch(it)
-            original = loader.next_batch
-            loader.next_batch = lambda _it: batch
-            try:
-                if it == 0:
-                    step.run_step()
-                    continue
-                counters = [s["step"] for s in step.optimizer.state.values()
-                            if isinstance(s.get("step"), torch.Tensor)]
-                with count_host_syncs(ignore=counters) as report:
-                    step.run_step()
-            finally:
-                loader.next_batch = original
+    step.model.train()
+    sampler_pick = loader.sampler.task_for_iteration
+    loader.sampler.task_for_iteration = lambda it: name
+    try:
+        with EventStorage(0) as storage:
+            for it in range(2):
+                step.iter = storage.iter = it
+                batch = loader.next_batch(it)
+                draw = loader.next_batch
+                loader.next_batch = lambda _it: batch
+                try:
+                    if it == 0:
+                        step.run_step()
+                        continue
+                    counters = [s["step"] for s in step.optimizer.state.values()
+                                if isinstance(s.get("step"), torch.Tensor)]
+                    with count_host_syncs(ignore=counters) as report:
+                        step.run_step()
+                finally:
+                    loader.next_batch = draw
+    finally:
+        loader.sampler.task_for_iteration = sampler_pick
     return report
 
 
 @pytest.mark.parametrize("task_type", sorted(TASKS))
-def test_training_iteration_host_syncs(shapes_datasets, tmp_path, task_type):
-    report = count_training_iteration(_trainer(task_type, tmp_path))
+def test_training_iteration_host_syncs(trainer, task_type):
+    report = count_training_iteration(trainer, task_type)
     print(task_type, report.summary(40))
     assert report.total <= TRAIN_LIMIT, report.summary(40)
 
 
-def count_inference_forward(trainer, task_type):
-    """HostSyncReport of one eval-mode forward of 2 test images (mapped before counting)."""
+def count_inference_forward(trainer, name: str):
+    """HostSyncReport of one eval-mode forward of 2 test images of task ``name`` (mapped before
+    counting; the first forward, which builds the target caches, is not counted)."""
     from task_models import mapped_inputs
 
     model = trainer.model
     model.eval()
-    inputs = mapped_inputs(trainer.cfg, model, "T", n=2)
-    with torch.no_grad():
-        model(inputs, task="T")  # first call builds caches (class-name / vocabulary targets)
-        with count_host_syncs() as report:
-            model(inputs, task="T")
+    inputs = mapped_inputs(trainer.cfg, model, name, n=2)
+    try:
+        with torch.no_grad():
+            model(inputs, task=name)
+            with count_host_syncs() as report:
+                model(inputs, task=name)
+    finally:
+        model.train()
     return report
 
 
 @pytest.mark.parametrize("task_type", sorted(TASKS))
-def test_inference_forward_host_syncs(shapes_datasets, tmp_path, task_type):
-    report = count_inference_forward(_trainer(task_type, tmp_path), task_type)
+def test_inference_forward_host_syncs(trainer, task_type):
+    report = count_inference_forward(trainer, task_type)
     print(task_type, report.summary(40))
     assert report.total <= INFERENCE_LIMIT, report.summary(40)
 

@@ -60,8 +60,10 @@ def routing_groups(attributes: torch.Tensor) -> RoutingGroups:
     a forward that gets the same attribute tensor reuses it: one host synchronisation per
     forward instead of one ``unique`` and one size read per layer.
     """
+    # inference tensors keep no version counter (and are not modified in place here)
+    version = 0 if attributes.is_inference() else attributes._version
     cached = getattr(attributes, "_up2_routing", None)
-    if cached is not None and cached[0] == attributes._version:
+    if cached is not None and cached[0] == version:
         return cached[1]
     device, dtype = attributes.device, attributes.dtype
     host = attributes.reshape(-1, attributes.shape[-1]).cpu()  # the one copy to the host
@@ -71,7 +73,7 @@ def routing_groups(attributes: torch.Tensor) -> RoutingGroups:
     undo[order] = torch.arange(order.numel())
     routing = RoutingGroups(groups=to_device(groups, device, dtype), order=to_device(order, device),
                             undo=to_device(undo, device), counts=counts.tolist())
-    attributes._up2_routing = (attributes._version, routing)
+    attributes._up2_routing = (version, routing)
     return routing
 
 
