@@ -161,8 +161,9 @@ def test_export_of_a_training_checkpoint_equals_what_training_wrote(trained, tmp
 
     out = tmp_path / "exported"
     weights = str(trained["out"] / "model_final.pth")
-    assert main(["--config-file", str(trained["out"] / "config.yaml"), "--output", str(out),
-                 "MODEL.WEIGHTS", weights]) == 0
+    # the README's order: the KEY VALUE overrides before --output
+    assert main(["--config-file", str(trained["out"] / "config.yaml"), "MODEL.WEIGHTS", weights,
+                 "--output", str(out)]) == 0
     a = load_file(str(out / "model.safetensors"))
     b = load_file(str(trained["out"] / "model_final_inference" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

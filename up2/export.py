@@ -149,9 +149,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--config-file", required=True, help="the training config (OUTPUT_DIR/config.yaml)")
     parser.add_argument("--output", required=True, help="the inference checkpoint folder to write")
     parser.add_argument("--metrics", default=None, help="eval_results.json or metrics.json for the model card")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="KEY VALUE overrides, MODEL.WEIGHTS <checkpoint> among them")
-    args = parser.parse_args(argv)
+    parser.add_argument("opts", nargs="*",
+                        help="KEY VALUE overrides, MODEL.WEIGHTS <checkpoint> among them (before or after the options)")
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         folder, what = export(args.config_file, args.output, args.opts, args.metrics)

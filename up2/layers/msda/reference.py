@@ -32,7 +32,9 @@ def ms_deform_attn_core_pytorch(
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (N*M, Lq, L, P)
     out = value.new_zeros(n * m, dh, lq)
     for lvl, (h, w) in enumerate(shapes):
-        v = per_level[lvl].permute(0, 2, 3, 1).reshape(n * m, dh, h, w)
+        # contiguous: torch's CPU bf16 grid_sample returns NaN for a strided input (seen on 2.14;
+        # a copy only when N = 1, where the reshape is a view)
+        v = per_level[lvl].permute(0, 2, 3, 1).reshape(n * m, dh, h, w).contiguous()
         sampled = F.grid_sample(
             v, grids[:, :, lvl], mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (N*M, Dh, Lq, P)
