@@ -72,6 +72,8 @@ def main(argv=None):
     parser.add_argument("--config-file", default=None, help="overrides --task / --joint")
     parser.add_argument("--iters", type=int, default=900)
     parser.add_argument("--output", default=os.path.join(REPO, "output/learn_shapes"))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="cfg.SEED (model init, data order); compare code changes over several seeds")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
 
@@ -84,7 +86,7 @@ def main(argv=None):
     setup_logger(name="up2")
     config_file = args.config_file or os.path.join(
         REPO, "configs", "tiny", ("joint_shapes" if args.joint else CONFIGS[args.task]) + ".yaml")
-    cfg = shapes_config(config_file, args.iters, args.output, args.opts)
+    cfg = shapes_config(config_file, args.iters, args.output, ["SEED", str(args.seed)] + list(args.opts))
     cfg.UP2_PROGRESS_BAR = True
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
