@@ -23,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from up2.checkpoint.inference_checkpoint import (
-    WEIGHTS_FILE, is_inference_checkpoint, load_inference_state, read_format)
+    WEIGHTS_FILE, is_inference_checkpoint, load_inference_state, read_format, read_safetensors)
 from up2.utils.atomic import atomic_write
 
 __all__ = ["UP2Checkpointer", "PickleRefusedError", "pickle_refused_message", "weights_only_reason"]
@@ -121,14 +121,7 @@ class UP2Checkpointer(DetectionCheckpointer):
         if os.path.basename(filename) == WEIGHTS_FILE and is_inference_checkpoint(folder):
             state, task_data = load_inference_state(folder)
             return {"model": state, TASK_DATA_KEY: task_data, "__author__": "up2", "matching_heuristics": False}
-        from safetensors import safe_open
-
-        try:
-            with safe_open(filename, framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-            raise ValueError(f"{filename}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        state, meta = read_safetensors(filename)
         return {"model": state, "__author__": meta.get("__author__", "safetensors"),
                 "matching_heuristics": meta.get("matching_heuristics", "False") == "True"}
 

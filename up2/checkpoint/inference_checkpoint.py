@@ -40,7 +40,7 @@ from up2.utils.atomic import atomic_write, to_strict_json, write_json_atomic
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "FORMAT_FILE", "WEIGHTS_FILE", "CONFIG_FILE", "TASK_DATA_FILE", "CARD_FILE",
     "TEXT_ENCODER_DIR", "FINAL_FOLDER", "is_inference_checkpoint", "read_format", "save_inference_checkpoint",
-    "load_inference_state", "read_task_data", "inference_config", "config_for_weights", "state_dict_for_saving",
+    "load_inference_state", "read_safetensors", "read_task_data", "inference_config", "config_for_weights", "state_dict_for_saving",
 ]
 
 FORMAT = "up2-inference-checkpoint"
@@ -296,6 +296,21 @@ def read_task_data(folder: str) -> dict:
     return data
 
 
+def read_safetensors(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors on the CPU, the file's str -> str metadata) of a safetensors file.
+
+    Raises:
+        ValueError: a file safetensors cannot read, naming it and the library's error.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+
+
 def load_inference_state(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The weights and the task data of an inference checkpoint.
 
@@ -309,19 +324,12 @@ def load_inference_state(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
         FileNotFoundError / ValueError: as :func:`read_format`; a weights file that is missing,
             unreadable or whose recorded format version differs from up2_checkpoint.json's.
     """
-    from safetensors import safe_open
-
     folder = os.path.dirname(path) if os.path.basename(path) == WEIGHTS_FILE and os.path.isfile(path) else path
     info = read_format(folder)
     weights = os.path.join(folder, info.get("weights") or WEIGHTS_FILE)
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{folder}: the weights file {os.path.basename(weights)} is missing")
-    try:
-        with safe_open(weights, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    state, meta = read_safetensors(weights)
     if meta.get(_META_VERSION) != str(info["format_version"]):
         raise ValueError(f"{weights}: written as format version {meta.get(_META_VERSION)!r}, but {FORMAT_FILE} says "
                          f"{info['format_version']}: the folder mixes files of different exports")

@@ -118,6 +118,16 @@ def _neighbours(loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC: tl.constexpr)
 
 
 @triton.jit
+def _corner_values(v_base, off00, off10, off01, off11, ok00, ok10, ok01, ok11, ACC: tl.constexpr):
+    """The four bilinear neighbours' values (BLOCK_Q, BLOCK_D) in ACC; 0 outside the map."""
+    v00 = tl.load(v_base + off00, mask=ok00, other=0.0).to(ACC)
+    v10 = tl.load(v_base + off10, mask=ok10, other=0.0).to(ACC)
+    v01 = tl.load(v_base + off01, mask=ok01, other=0.0).to(ACC)
+    v11 = tl.load(v_base + off11, mask=ok11, other=0.0).to(ACC)
+    return v00, v10, v01, v11
+
+
+@triton.jit
 def _msda_fwd_kernel(
     value_ptr, shapes_ptr, loc_ptr, attn_ptr, out_ptr,
     S, LQ, M, DH, LQ_BUCKET,
@@ -144,10 +154,7 @@ def _msda_fwd_kernel(
             a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0).to(ACC)
             fx, fy, off00, off10, off01, off11, ok00, ok10, ok01, ok11 = _neighbours(
                 loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC)
-            v00 = tl.load(v_base + off00, mask=ok00, other=0.0).to(ACC)
-            v10 = tl.load(v_base + off10, mask=ok10, other=0.0).to(ACC)
-            v01 = tl.load(v_base + off01, mask=ok01, other=0.0).to(ACC)
-            v11 = tl.load(v_base + off11, mask=ok11, other=0.0).to(ACC)
+            v00, v10, v01, v11 = _corner_values(v_base, off00, off10, off01, off11, ok00, ok10, ok01, ok11, ACC)
             top = v00 + fx[:, None] * (v10 - v00)
             bottom = v01 + fx[:, None] * (v11 - v01)
             acc += a[:, None] * (top + fy[:, None] * (bottom - top))
@@ -187,10 +194,7 @@ def _msda_bwd_kernel(
             a = tl.load(attn_ptr + lp, mask=q_ok, other=0.0).to(ACC)
             fx, fy, off00, off10, off01, off11, ok00, ok10, ok01, ok11 = _neighbours(
                 loc_ptr, lp, q_ok, h, w, start, row, d, d_ok, ACC)
-            v00 = tl.load(v_base + off00, mask=ok00, other=0.0).to(ACC)
-            v10 = tl.load(v_base + off10, mask=ok10, other=0.0).to(ACC)
-            v01 = tl.load(v_base + off01, mask=ok01, other=0.0).to(ACC)
-            v11 = tl.load(v_base + off11, mask=ok11, other=0.0).to(ACC)
+            v00, v10, v01, v11 = _corner_values(v_base, off00, off10, off01, off11, ok00, ok10, ok01, ok11, ACC)
             top = v00 + fx[:, None] * (v10 - v00)
             bottom = v01 + fx[:, None] * (v11 - v01)
             sampled = top + fy[:, None] * (bottom - top)
