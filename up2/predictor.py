@@ -45,7 +45,7 @@ from up2.checkpoint import UP2Checkpointer, config_for_weights, inference_config
 from up2.config import add_up2_config
 from up2.data.image_io import read_image, to_rgb_array
 from up2.modeling.inference import prepare_for_inference
-from up2.modeling.tasks.base import check_class_names
+from up2.modeling.tasks.base import check_class_names, task_input_config
 from up2.modeling.tasks.task import TaskFamily
 from up2.utils.paths import expand_path
 
@@ -70,6 +70,11 @@ def group_by_padded_size(sizes: Sequence[Tuple[int, int]], divisibility: int) ->
     for i, (h, w) in enumerate(sizes):
         groups.setdefault((-(-int(h) // d) * d, -(-int(w) // d) * d), []).append(i)
     return list(groups.values())
+
+
+def _test_resize(cfg) -> T.ResizeShortestEdge:
+    """detectron2's test-time resize of ``cfg.INPUT`` (shorter side MIN_SIZE_TEST, longer <= MAX_SIZE_TEST)."""
+    return T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
 
 
 def _size_divisibility(model) -> int:
@@ -126,7 +131,7 @@ class GeneralistPredictor:
             UP2Checkpointer(self.model, allow_pickle=self.cfg.MODEL.ALLOW_PICKLE_WEIGHTS).load(
                 expand_path(self.cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS"))
         prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
-        self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        self.resize = {name: _test_resize(task_input_config(self.cfg, task.spec)) for name, task in self.model.tasks.items()}
         self.input_format = cfg.INPUT.FORMAT
 
     @classmethod
@@ -168,9 +173,9 @@ class GeneralistPredictor:
         raise KeyError(f"this model's config has no {what} task; configured: "
                        f"{ {n: t.spec.type for n, t in self.model.tasks.items()} }")
 
-    def _input(self, image: ImageLike, index: Optional[int] = None) -> dict:
-        """One model input: {"image": (3, h, w) uint8 resized (channels per cfg.INPUT.FORMAT),
-        "height": H, "width": W (original pixels)}."""
+    def _input(self, image: ImageLike, task: str, index: Optional[int] = None) -> dict:
+        """One model input of ``task``: {"image": (3, h, w) uint8 resized to the task's test size
+        (channels per cfg.INPUT.FORMAT), "height": H, "width": W (original pixels)}."""
         if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
             rgb = read_image(image, format="RGB")
         elif isinstance(image, (np.ndarray, Image.Image)):
@@ -180,13 +185,14 @@ class GeneralistPredictor:
             raise TypeError(f"{where} must be a path, a numpy array or a PIL image, got {type(image).__name__}")
         h, w = rgb.shape[:2]
         arr = rgb if self.input_format == "RGB" else rgb[:, :, ::-1]
-        arr = self.resize.get_transform(arr).apply_image(arr)
+        arr = self.resize[task].get_transform(arr).apply_image(arr)
         return {"image": torch.as_tensor(np.ascontiguousarray(arr.transpose(2, 0, 1))), "height": h, "width": w}
 
-    def _map(self, images: ImagesLike, batch_size: int, call: Callable[[List[dict]], list]):
-        """Run ``call`` over one image (-> one result) or a list (-> list, in input order)."""
+    def _map(self, images: ImagesLike, task: str, batch_size: int, call: Callable[[List[dict]], list]):
+        """Run ``call`` over the inputs of ``task`` of one image (-> one result) or a list (-> list,
+        in input order)."""
         items, single = _as_list(images)
-        out = _run_batched(lambda i: self._input(items[i], None if single else i), len(items), batch_size,
+        out = _run_batched(lambda i: self._input(items[i], task, None if single else i), len(items), batch_size,
                            _size_divisibility(self.model), call)
         return out[0] if single else out
 
@@ -201,14 +207,14 @@ class GeneralistPredictor:
             ValueError: an empty ``class_names`` or list of images, ``batch_size`` < 1.
         """
         name = self._task("detection", lambda t: t.localization)
-        return self._map(images, batch_size,
+        return self._map(images, name, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
     @torch.no_grad()
     def segment(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
         """As :meth:`detect`, from an instance-segmentation task (masks included)."""
         name = self._task("instance segmentation", lambda t: t.localization and getattr(t, "with_masks", False))
-        return self._map(images, batch_size,
+        return self._map(images, name, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
     @torch.no_grad()
@@ -224,7 +230,7 @@ class GeneralistPredictor:
             raise ValueError("classify needs a non-empty list of class_names")
         names = list(check_class_names(class_names, "classify: class_names"))
         name = self._task("classification", lambda t: t.family is TaskFamily.CLASSIFICATION)
-        return self._map(images, batch_size, lambda xs: [
+        return self._map(images, name, batch_size, lambda xs: [
             {"scores": o["pred_class_scores"], "label": names[o["pred_class"]]}
             for o in self.model(xs, task=name, class_names=names)])
 
@@ -234,7 +240,7 @@ class GeneralistPredictor:
         """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images);
         None = the task's BEAM_SIZE / MAX_CAPTION_LENGTH / LENGTH_PENALTY (``up2.modeling.beam_search``)."""
         name = self._task("captioning", lambda t: t.family is TaskFamily.CAPTIONING)
-        return self._map(images, batch_size, lambda xs: [
+        return self._map(images, name, batch_size, lambda xs: [
             o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length,
                                              length_penalty=length_penalty)])
 
@@ -254,9 +260,10 @@ class GeneralistPredictor:
             raise ValueError("retrieve needs at least one text")
         if any(not isinstance(t, str) or not t.strip() for t in texts):
             raise ValueError(f"retrieve: texts must be non-empty strings, got {list(texts)!r}")
-        task = self.model.tasks[self._task("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL)]
+        name = self._task("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL)
+        task = self.model.tasks[name]
         with self.model.inference_autocast():
-            img = torch.stack(self._map(list(images), batch_size, lambda xs: list(task.embed_images(self.model, xs))))
+            img = torch.stack(self._map(list(images), name, batch_size, lambda xs: list(task.embed_images(self.model, xs))))
             txt = task.embed_texts(self.model, list(texts)).embeddings
         return F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).t()
 
@@ -294,7 +301,7 @@ class BatchPredictor(DefaultPredictor):
         if len(cfg.DATASETS.TEST):
             self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
         UP2Checkpointer(self.model, allow_pickle=cfg.MODEL.get("ALLOW_PICKLE_WEIGHTS", False)).load(cfg.MODEL.WEIGHTS)
-        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)
+        self.aug = self._aug = _test_resize(cfg)
         self.input_format = cfg.INPUT.FORMAT
         prepare_for_inference(self.model)  # eval mode + the inference rewrites (up2.modeling.inference)
         self.batch_size = int(batch_size)
@@ -312,7 +319,7 @@ class BatchPredictor(DefaultPredictor):
         if self.input_format == "RGB":
             original_image = original_image[:, :, ::-1]
         height, width = original_image.shape[:2]
-        image = self.aug.get_transform(original_image).apply_image(original_image)
+        image = self._aug.get_transform(original_image).apply_image(original_image)
         return {"image": torch.as_tensor(image.astype("float32").transpose(2, 0, 1)), "height": height, "width": width}
 
     def __call__(self, original_images, **model_kwargs):
@@ -320,6 +327,10 @@ class BatchPredictor(DefaultPredictor):
         images = [original_images] if single else list(original_images)
         if not images:
             raise ValueError("BatchPredictor: got an empty list of images")
+        # a task with its own IMAGE_SIZE is resized to it; otherwise cfg.INPUT's test size
+        tasks = getattr(self.model, "tasks", {})
+        task = tasks.get(model_kwargs.get("task") or getattr(self.model, "default_task", None))
+        self._aug = _test_resize(task_input_config(self.cfg, task.spec)) if task is not None else self.aug
         with torch.no_grad():
             out = _run_batched(lambda i: self.preprocess(images[i], i), len(images), self.batch_size,
                                _size_divisibility(self.model), lambda xs: self.model(xs, **model_kwargs))

@@ -8,7 +8,8 @@ __all__ = ["ProgressBar", "ExportInferenceCheckpoint"]
 
 
 class ProgressBar(HookBase):
-    """A tqdm bar over iterations with the latest total loss (main process only)."""
+    """A tqdm bar over iterations showing the task(s) sampled at the last iteration and their
+    loss (main process only); a trainer without per-task losses shows its total loss."""
 
     def __init__(self, max_iter: int, start_iter: int = 0):
         self.max_iter = max_iter
@@ -25,9 +26,13 @@ class ProgressBar(HookBase):
         if self._bar is None:
             return
         self._bar.update(1)
-        latest = self.trainer.storage.latest()
-        if "total_loss" in latest:
-            self._bar.set_postfix(loss=f"{latest['total_loss'][0]:.3f}", refresh=False)
+        # the sampled task and its loss (MultiTaskStep), else the total loss
+        task_losses = getattr(getattr(self.trainer, "_trainer", None), "last_task_losses", None)
+        if task_losses:
+            task = "+".join(task_losses)
+            self._bar.set_postfix_str(f"task={task} loss={sum(task_losses.values()):.3f}", refresh=False)
+        elif "total_loss" in self.trainer.storage.latest():
+            self._bar.set_postfix(loss=f"{self.trainer.storage.latest()['total_loss'][0]:.3f}", refresh=False)
 
     def after_train(self):
         if self._bar is not None:

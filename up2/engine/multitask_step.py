@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from collections import Counter
-from typing import Mapping
+from typing import Dict, Mapping
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -46,6 +46,7 @@ class MultiTaskStep(SimpleTrainer):
         super().__init__(model, loader, optimizer)
         self.loader = loader
         self.specs = dict(specs)
+        self.last_task_losses: Dict[str, float] = {}  # task -> its summed loss at the last step
         self.sampling = loader.sampler.probabilities  # normalised s_k
         if amp_dtype is not None and amp_dtype not in _AMP_DTYPES:
             raise ValueError(f"SOLVER.AMP.DTYPE must be one of {sorted(_AMP_DTYPES)}, got {amp_dtype!r}")
@@ -137,6 +138,9 @@ class MultiTaskStep(SimpleTrainer):
                 task, _, loss = key.partition("/")
                 raise FloatingPointError(f"non-finite loss {loss}={float(value)} in task {task!r} at iteration {self.iter}")
 
+        # the sampled task(s) of this iteration and each one's summed loss (the progress bar shows them)
+        self.last_task_losses = {name: sum(float(v) for k, v in logged.items() if k.partition("/")[0] == name)
+                                 for name in names}
         self._write_metrics(logged, data_time)
         storage = get_event_storage()
         if len(logged) == 1 and comm.is_main_process():

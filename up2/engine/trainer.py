@@ -36,7 +36,7 @@ from up2.engine.hooks import ExportInferenceCheckpoint, ProgressBar
 from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
 from up2.engine.writers import StrictJSONWriter
 from up2.engine.multitask_step import MultiTaskStep
-from up2.modeling.tasks.base import TaskSpec, default_task_name, task_specs_from_config
+from up2.modeling.tasks.base import TaskSpec, default_task_name, task_input_config, task_specs_from_config
 from up2.modeling.tasks.task_data import TASK_DATA_KEY, check_datasets_registered, resolve_task_data, task_data_of
 from up2.solver.tbgn import TBGN
 from up2.solver.weight_decay import exclude_from_weight_decay, no_weight_decay_parameters
@@ -44,8 +44,9 @@ from up2.solver.weight_decay import exclude_from_weight_decay, no_weight_decay_p
 __all__ = ["UP2Trainer", "build_optimizer", "build_mapper", "TaskView", "configure_cuda", "pin_memory"]
 
 def build_mapper(cfg, spec: TaskSpec, is_train: bool):
-    """The dataset mapper of the task ``spec`` (``Task.build_mapper``)."""
-    return spec.task_class(spec).build_mapper(cfg, is_train)
+    """The dataset mapper of the task ``spec`` (``Task.build_mapper``), at the task's image size
+    (``TASKS.<NAME>.IMAGE_SIZE``, :func:`up2.modeling.tasks.base.task_input_config`)."""
+    return spec.task_class(spec).build_mapper(task_input_config(cfg, spec), is_train)
 
 
 def _lr_factor(cfg):
@@ -364,7 +365,7 @@ class UP2Trainer(DefaultTrainer):
         task = spec.task_class(spec)
         return build_detection_test_loader(
             dataset=get_detection_dataset_dicts([dataset_name], filter_empty=False),
-            mapper=task.build_mapper(cfg, is_train=False),
+            mapper=build_mapper(cfg, spec, is_train=False),
             batch_size=task.test_batch_size,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )

@@ -36,6 +36,7 @@ def retrieval_recalls(
     text_to_image: torch.Tensor,
     ks: Sequence[int] = (1, 5, 10),
     chunk_size: int = 1024,
+    text_groups: Optional[torch.Tensor] = None,
 ) -> Dict[str, float]:
     """Image->text and text->image recall at k, in percent, over cosine similarities.
 
@@ -44,12 +45,18 @@ def retrieval_recalls(
     images. Vectorised over queries; only ``chunk_size`` rows of the (n, m) similarity matrix
     exist at a time.
 
+    With ``text_groups`` (captions of equal id are the same text), a caption is right for every
+    image that has a caption of its group: image->text counts a caption identical to one of the
+    image's own as right, text->image counts every image carrying the query's text as right.
+
     Args:
         image_emb: (n, d) float, one row per image (need not be normalised).
         text_emb: (m, d) float, one row per caption.
         text_to_image: (m,) int64, the row of ``image_emb`` each caption belongs to.
         ks: the k of the reported recalls.
         chunk_size: query rows scored at once (memory ~ chunk_size * max(n, m) floats).
+        text_groups: optional (m,) int64, an id per caption text (equal ids = identical texts);
+            needs an (n, number of texts) bool table in memory.
 
     Returns:
         ``{"i2t_R@k": float, ..., "t2i_R@k": float, ...}`` in percent.
@@ -76,9 +83,14 @@ def retrieval_recalls(
     for name, t in (("image_emb", image_emb), ("text_emb", text_emb)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
+    if text_groups is not None and text_groups.shape != (m,):
+        raise ValueError(f"text_groups must have shape ({m},) like text_emb's rows, got {tuple(text_groups.shape)}")
     img = F.normalize(image_emb.float(), dim=1)
     txt = F.normalize(text_emb.float(), dim=1)
     owner = text_to_image.to(img.device)
+    if text_groups is not None:
+        return _recalls_by_text(img, txt, owner, torch.unique(text_groups, return_inverse=True)[1].to(img.device),
+                                ks, chunk_size)
 
     i2t_rank = torch.empty(n, dtype=torch.int64, device=img.device)
     for s in range(0, n, chunk_size):
@@ -100,6 +112,31 @@ def retrieval_recalls(
     return res
 
 
+def _recalls_by_text(img, txt, owner, group, ks, chunk_size) -> Dict[str, float]:
+    """``retrieval_recalls`` where every image carrying a caption's text is right for it.
+    img (n, d) and txt (m, d) normalised; owner (m,) image of each caption; group (m,) text id
+    in [0, U)."""
+    n, m = img.shape[0], txt.shape[0]
+    has = torch.zeros(n, int(group.max()) + 1, dtype=torch.bool, device=img.device)  # (n, U)
+    has[owner, group] = True
+    i2t_rank = torch.empty(n, dtype=torch.int64, device=img.device)
+    for s in range(0, n, chunk_size):
+        sim = img[s : s + chunk_size] @ txt.T  # (c, m)
+        right = has[s : s + sim.shape[0]][:, group]  # (c, m)
+        own = owner[None, :] == torch.arange(s, s + sim.shape[0], device=img.device)[:, None]
+        best = sim.masked_fill(~own, float("-inf")).amax(1, keepdim=True)  # best of the image's own captions
+        i2t_rank[s : s + sim.shape[0]] = ((sim >= best) & ~right).sum(1)
+    t2i_rank = torch.empty(m, dtype=torch.int64, device=img.device)
+    for s in range(0, m, chunk_size):
+        sim = txt[s : s + chunk_size] @ img.T  # (c, n)
+        right = has[:, group[s : s + chunk_size]].T  # (c, n)
+        best = sim.masked_fill(~right, float("-inf")).amax(1, keepdim=True)
+        t2i_rank[s : s + sim.shape[0]] = ((sim >= best) & ~right).sum(1)
+    res = {f"i2t_R@{k}": 100.0 * (i2t_rank < k).double().mean().item() for k in ks}
+    res.update({f"t2i_R@{k}": 100.0 * (t2i_rank < k).double().mean().item() for k in ks})
+    return res
+
+
 class RetrievalEvaluator(DatasetEvaluator):
     """R@k image->text and text->image over a whole test set, gathered over all ranks.
 
@@ -110,6 +147,13 @@ class RetrievalEvaluator(DatasetEvaluator):
     Results (main process): ``{"retrieval": {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1",
     "t2i_R@5", "t2i_R@10"}}`` in percent. Other ranks return ``{}``; an evaluator that saw no
     image warns and returns ``{}``.
+
+    ``match_identical_captions``: the inputs' ``"captions"`` (list of str) are kept, and a
+    caption counts as right for every image that has a caption of the same text (compared
+    case- and space-insensitively); the strict numbers are reported too, as ``strict_i2t_R@k``
+    and ``strict_t2i_R@k``. For caption sets with templated repeats (shapes), where the strict
+    protocol scores "two shapes on a gray background" as wrong for all but one of the images it
+    describes; the paper's COCO / Flickr30k numbers use the strict protocol (the default).
     """
 
     def __init__(
@@ -119,6 +163,7 @@ class RetrievalEvaluator(DatasetEvaluator):
         chunk_size: int = 1024,
         device: Optional[torch.device] = None,
         task_key: str = "retrieval",
+        match_identical_captions: bool = False,
     ):
         """
         Args:
@@ -127,6 +172,7 @@ class RetrievalEvaluator(DatasetEvaluator):
             chunk_size: query rows of the similarity matrix scored at once.
             device: where the similarity matrix is computed (default CPU).
             task_key: the key of the result dict.
+            match_identical_captions: identical caption texts are interchangeable (class docstring).
 
         Raises:
             ValueError: an empty ``ks``, a k < 1 or chunk_size < 1.
@@ -141,10 +187,11 @@ class RetrievalEvaluator(DatasetEvaluator):
         self._chunk_size = int(chunk_size)
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self._task_key = task_key
+        self._match_identical = bool(match_identical_captions)
         self.reset()
 
     def reset(self):
-        self._records: List[tuple] = []  # (image_id, (d,) image emb, (n_i, d) caption embs)
+        self._records: List[tuple] = []  # (image_id, (d,) image emb, (n_i, d) caption embs, caption texts)
 
     def process(self, inputs, outputs):
         """Store the embeddings of each image and of its captions.
@@ -175,7 +222,14 @@ class RetrievalEvaluator(DatasetEvaluator):
                     f"'text_embeddings' of image {inp['image_id']!r} must have shape (n_i >= 1, d={img.shape[0]}) "
                     f"like 'image_embedding', got {tuple(txt.shape)}"
                 )
-            self._records.append((inp["image_id"], img.float().cpu(), txt.float().cpu()))
+            texts = ()
+            if self._match_identical:
+                texts = tuple(" ".join(str(c).lower().split()) for c in inp.get("captions", ()))
+                if len(texts) != txt.shape[0]:
+                    raise ValueError(
+                        f"input {i} (image {inp['image_id']!r}): match_identical_captions needs its 'captions' "
+                        f"(one per text embedding, {txt.shape[0]}), got {len(texts)}")
+            self._records.append((inp["image_id"], img.float().cpu(), txt.float().cpu(), texts))
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         records = self._records
@@ -201,6 +255,12 @@ class RetrievalEvaluator(DatasetEvaluator):
         counts = torch.tensor([r[2].shape[0] for r in records])
         owner = torch.repeat_interleave(torch.arange(len(records)), counts).to(self._device)  # (m,)
         res = retrieval_recalls(image_emb, text_emb, owner, self._ks, self._chunk_size)
+        if self._match_identical:
+            ids: Dict[str, int] = {}
+            groups = torch.tensor([ids.setdefault(t, len(ids)) for r in records for t in r[3]])
+            strict = {f"strict_{k}": v for k, v in res.items()}
+            res = retrieval_recalls(image_emb, text_emb, owner, self._ks, self._chunk_size, text_groups=groups)
+            res.update(strict)
         logger.info(
             f"Retrieval recall (%) over {image_emb.shape[0]} images and {text_emb.shape[0]} captions:\n"
             + create_small_table(res)

@@ -14,7 +14,7 @@ from fvcore.common.registry import Registry
 
 __all__ = [
     "TASK_REGISTRY", "TaskSpec", "register_task", "task_specs_from_config", "default_task_name",
-    "implicit_default_task", "check_class_names", "TASK_KEYS",
+    "implicit_default_task", "check_class_names", "TASK_KEYS", "task_input_config",
 ]
 
 TASK_REGISTRY = Registry("UP2_TASK")
@@ -35,6 +35,8 @@ TASK_KEYS = {
     "LENGTH_PENALTY": "captioning: final beams ranked by sum log-prob / length ** LENGTH_PENALTY",
     "MAX_CAPTION_LENGTH": "captioning: most generated tokens",
     "GATHER_FEATURES": "retrieval: negatives from all ranks (Gather Feature)",
+    "MATCH_IDENTICAL_CAPTIONS": "retrieval evaluation: identical caption texts are right for every image they describe",
+    "IMAGE_SIZE": "shorter image side in pixels for this task, training and test (0: cfg.INPUT's sizes)",
 }
 _DATASET_KEYS = ("TRAIN", "TEST")
 
@@ -70,6 +72,12 @@ class TaskSpec:
             (its zero-shot mscoco_caption config: BEAM_SIZE 2, LEN_PENALTY 2.0); the ONE place
             they are defined (the config reader takes them from here).
         gather_features: retrieval negatives from all ranks (paper's Gather Feature).
+        match_identical_captions: retrieval evaluation counts a caption right for every image
+            that has a caption of the same text (``up2.evaluation.RetrievalEvaluator``); the
+            paper's protocol (False) counts only the caption's own image.
+        image_size: shorter image side (pixels) of this task's images in training and test; 0
+            keeps cfg.INPUT's sizes. Lets image-level tasks run at a lower resolution than the
+            dense ones that share the backbone (:func:`task_input_config`).
     """
 
     name: str
@@ -87,6 +95,8 @@ class TaskSpec:
     max_caption_length: int = 20
     length_penalty: float = 2.0
     gather_features: bool = True
+    match_identical_captions: bool = False
+    image_size: int = 0
 
     @property
     def task_class(self) -> type:
@@ -204,12 +214,37 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
             max_caption_length=int(node.get("MAX_CAPTION_LENGTH", _default("max_caption_length"))),
             length_penalty=float(node.get("LENGTH_PENALTY", _default("length_penalty"))),
             gather_features=bool(node.get("GATHER_FEATURES", True)),
+            match_identical_captions=bool(node.get("MATCH_IDENTICAL_CAPTIONS", False)),
+            image_size=int(node.get("IMAGE_SIZE", _default("image_size"))),
         )
+        if specs[name].image_size < 0:
+            raise ValueError(f"{where}.IMAGE_SIZE must be >= 0 pixels (0: cfg.INPUT's sizes), got {specs[name].image_size}")
         if specs[name].beam_size < 1 or specs[name].max_caption_length < 1:
             raise ValueError(f"{where}: BEAM_SIZE and MAX_CAPTION_LENGTH must be >= 1")
         if not 0 <= specs[name].length_penalty < float("inf"):
             raise ValueError(f"{where}.LENGTH_PENALTY must be a finite float >= 0, got {specs[name].length_penalty}")
     return specs
+
+
+def task_input_config(cfg, spec: TaskSpec):
+    """``cfg`` with the image sizes of task ``spec``: when ``spec.image_size`` is set, a frozen
+    copy whose INPUT resizes the shorter side to it in training and test (one scale), keeping
+    the config's longer-side cap in proportion (MAX_SIZE_* x image_size / MIN_SIZE_TEST), and
+    whose large-scale jitter crops at it; otherwise ``cfg`` itself."""
+    size = spec.image_size
+    if not size:
+        return cfg
+    inp = cfg.INPUT
+    ratio = inp.MAX_SIZE_TEST / inp.MIN_SIZE_TEST if inp.MIN_SIZE_TEST > 0 else 1.0
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TRAIN = (size,)
+    cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
+    cfg.INPUT.MIN_SIZE_TEST = size
+    cfg.INPUT.MAX_SIZE_TRAIN = cfg.INPUT.MAX_SIZE_TEST = max(size, int(round(size * ratio)))
+    cfg.INPUT.LSJ.IMAGE_SIZE = size
+    cfg.freeze()
+    return cfg
 
 
 def default_task_name(cfg, specs: Optional[Dict[str, TaskSpec]] = None) -> Optional[str]:

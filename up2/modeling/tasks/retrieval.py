@@ -9,6 +9,7 @@ ranks are gathered WITH gradient, so the negatives are the global batch.
 """
 from __future__ import annotations
 
+import zlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,31 +24,51 @@ from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
 from up2.modeling.token_attributes import Modality, input_modalities
 from up2.modeling.decoder_outputs import SPE
 from up2.utils.distributed import gather_with_grad
+from up2.utils.host_sync import to_device
 
-__all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss"]
+__all__ = ["RetrievalTask", "gather_with_grad", "infonce", "retrieval_loss", "caption_keys"]
 
 
-def infonce(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def infonce(logits: torch.Tensor, offset: int = 0, same_text: Optional[torch.Tensor] = None) -> torch.Tensor:
     """InfoNCE of one direction: cross-entropy of each local query against the gathered keys.
 
     Args:
         logits: (N, G) float32, local queries (rows) vs all keys; row i's positive is column
             ``offset + i`` (the rank's slice of the gathered batch).
+        same_text: optional (N, G) bool, True where key j's caption is the same text as query
+            i's pair; those keys other than the positive are left out of the softmax (they are
+            no negatives: the same caption describes both images).
 
     Returns:
         0-dim float. RetrievalTask averages image->text and text->image.
     """
     target = torch.arange(logits.shape[0], device=logits.device) + offset
+    if same_text is not None:
+        not_negative = same_text.clone()
+        not_negative[torch.arange(logits.shape[0], device=logits.device), target] = False
+        logits = logits.masked_fill(not_negative, float("-inf"))
     return F.cross_entropy(logits, target)
 
 
-def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: bool = True) -> torch.Tensor:
+def caption_keys(captions: Sequence[str], device=None) -> torch.Tensor:
+    """(N,) int64 key per caption, equal for equal texts (compared case- and space-insensitively)."""
+    keys = [zlib.crc32(" ".join(c.lower().split()).encode("utf-8")) for c in captions]
+    return to_device(keys, device, torch.int64)
+
+
+def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: bool = True,
+                   keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE (Eq. 7 for retrieval) with optional Gather Feature (paper §4.4).
 
     Args:
         img: (N, d) image features at [SPE]; txt: (N, d) features of their captions (row i pairs
             with row i). likelihood: the Likelihood module (cos / tau). gather: use the features
             of every rank as negatives (gathered with gradient).
+        keys: optional (N,) int64 caption keys (:func:`caption_keys`). Pairs whose captions are
+            the same text are not used as each other's negatives. Not in the paper: on COCO an
+            exact repeat within a batch is rare, but a templated caption set (shapes: "two
+            shapes on a gray background") repeats often, and such a pair would ask the model to
+            tell apart two images by a text that fits both.
 
     Returns:
         0-dim float: mean of image->text and text->image cross-entropy over the local queries.
@@ -57,7 +78,11 @@ def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: boo
     all_img = gather_with_grad(img) if gather else img
     all_txt = gather_with_grad(txt) if gather else txt
     offset = rank * img.shape[0]
-    return 0.5 * (infonce(likelihood(img, all_txt), offset) + infonce(likelihood(txt, all_img), offset))
+    same = None
+    if keys is not None:
+        all_keys = gather_with_grad(keys) if gather else keys
+        same = keys[:, None] == all_keys[None, :]  # (N, G)
+    return 0.5 * (infonce(likelihood(img, all_txt), offset, same) + infonce(likelihood(txt, all_img), offset, same))
 
 
 @register_task("retrieval")
@@ -92,7 +117,8 @@ class RetrievalTask(Task):
         return model.unified_decoder(self.encode_inputs(model, batched_inputs).batch, read=self.reads).spe
 
     def losses(self, model, outputs, targets, inputs, batched_inputs):
-        loss = retrieval_loss(outputs.spe, targets.embeddings, model.likelihood, self.spec.gather_features)
+        keys = caption_keys(self._captions(model, batched_inputs), outputs.spe.device)
+        loss = retrieval_loss(outputs.spe, targets.embeddings, model.likelihood, self.spec.gather_features, keys)
         return {"loss_retrieval": self.spec.loss_weight * loss}
 
     def postprocess(self, model, outputs, targets, inputs, batched_inputs, **options) -> List[dict]:
@@ -104,7 +130,7 @@ class RetrievalTask(Task):
         return ImageTextDatasetMapper(cfg, is_train=is_train)
 
     def build_evaluator(self, cfg, dataset_name: str, output_dir: Optional[str] = None):
-        return RetrievalEvaluator()
+        return RetrievalEvaluator(match_identical_captions=self.spec.match_identical_captions)
 
     @staticmethod
     def _captions(model, batched_inputs: Sequence[dict]) -> List[str]:
