@@ -5,7 +5,10 @@
     python train_net.py --config-file configs/tiny/det_shapes.yaml --eval-only MODEL.WEIGHTS output/model_final.pth
 
 Training ends by writing OUTPUT_DIR/model_final_inference, the shareable inference checkpoint
-(up2.checkpoint); ``python -m up2.export`` writes one for any training checkpoint.
+(up2.checkpoint); ``python -m up2.export`` writes one for any training checkpoint. Both training
+(its final evaluation) and --eval-only end by printing one table of every task's metrics and
+writing it to OUTPUT_DIR/eval_table.{json,md} (up2.evaluation.report); --eval-only also writes
+the raw results to OUTPUT_DIR/eval_results.json.
 """
 import os
 
@@ -19,6 +22,7 @@ from up2 import add_up2_config
 from up2.checkpoint import UP2Checkpointer, config_for_weights
 from up2.engine import UP2Trainer
 from up2.engine.pretrained_weights import check_pretrained_weights, will_resume
+from up2.evaluation import evaluation_rows, format_evaluation_table, write_evaluation_table
 from up2.modeling.inference import prepare_for_inference
 from up2.modeling.tasks import check_datasets_registered, default_task_name, resolve_task_data, task_specs_from_config
 from up2.utils import write_json_atomic
@@ -48,6 +52,18 @@ def setup(args):
     return cfg
 
 
+def report_evaluation(cfg, results, skip_empty: bool = False):
+    """Main process: print the table of ``results`` (``UP2Trainer.test``'s output) and write it to
+    OUTPUT_DIR/eval_table.json and eval_table.md (``up2.evaluation.report``); with ``skip_empty``,
+    only when the table has a row. Other ranks do nothing."""
+    if not comm.is_main_process():
+        return
+    rows = evaluation_rows(cfg, results)
+    if rows or not skip_empty:
+        write_evaluation_table(cfg, results, cfg.OUTPUT_DIR)
+        print(format_evaluation_table(rows), flush=True)
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
@@ -57,12 +73,15 @@ def main(args):
         results = UP2Trainer.test(cfg, prepare_for_inference(model))
         if comm.is_main_process():
             write_json_atomic(results, os.path.join(cfg.OUTPUT_DIR, "eval_results.json"))
+        report_evaluation(cfg, results)
         return results
     if not will_resume(cfg, args.resume):
         check_pretrained_weights(cfg)  # before the datasets load: a missing checkpoint fails in seconds
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()  # the final evaluation's (None when none ran)
+    report_evaluation(trainer.cfg, results, skip_empty=True)
+    return results
 
 
 if __name__ == "__main__":

@@ -267,6 +267,18 @@ class UP2Trainer(DefaultTrainer):
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
 
+    def train(self):
+        """detectron2's training loop (hooks, final evaluation, ``TEST.EXPECTED_RESULTS`` check).
+
+        Returns:
+            the results of the last evaluation (:meth:`test`'s nested dict; detectron2's EvalHook
+            evaluates after the last iteration, so normally the final model's, and on ranks other
+            than the main one its dataset entries are ``{}``), or None when none ran. detectron2's
+            own ``train`` returns them only when ``TEST.EXPECTED_RESULTS`` is set.
+        """
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
     def build_writers(self):
         """detectron2's default writers, with ``metrics.json`` written as strict JSON (NaN -> null)."""
         writers = super().build_writers()
