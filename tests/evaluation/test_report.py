@@ -74,7 +74,8 @@ def test_rows_of_a_joint_model_in_order_with_units():
     assert by[("INST", "box APs")]["value"] is None and by[("INST", "box APs")]["key"] == "APs"  # NaN -> None
     assert by[("INST", "mask AP50")] == {"task": "INST", "type": "instance_segmentation", "dataset": "test_shapes_val",
                                          "metric": "mask AP50", "value": 50.0, "unit": "%", "group": "segm",
-                                         "key": "AP50"}
+                                         "key": "AP50", "headline": True}
+    assert by[("INST", "box AP75")]["headline"] is False
     assert by[("RET", "strict R@5 text→image")]["value"] == 44.0 and by[("RET", "R@5 text→image")]["value"] == 46.0
     assert by[("CAP", "BLEU-4")]["value"] == 31.5 and by[("CAP", "CIDEr")]["value"] == 104.25  # as given (x100)
     units = {(r["task"], r["metric"]): r["unit"] for r in rows}
@@ -130,10 +131,17 @@ def test_written_files_are_strict_json_and_markdown(tmp_path):
     assert md.endswith("\n") and md.rstrip("\n") == format_evaluation_table(data["rows"])
     assert [c.strip() for c in lines[0].strip("|").split("|")] == ["task", "dataset", "metric", "value"]
     assert set(lines[1]) <= set("|-: ")  # GitHub's separator row
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
-    assert len(cells) == len(data["rows"])
+    headline = [r for r in data["rows"] if r["headline"]]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2 : 2 + len(headline)]]
+    assert {(r["task"], r["key"]) for r in headline} == {
+        *(("INST", k) for k in ("AP", "AP50")), ("CLS", "top1"), ("CLS", "top5"), ("CAP", "BLEU-4"), ("CAP", "CIDEr"),
+        ("MLM", "accuracy"), *(("RET", f"{p}{d}_R@{k}") for p in ("", "strict_") for d in ("i2t", "t2i") for k in (1, 5, 10))}
+    assert lines[2 + len(headline):] == ["", f"{len(data['rows']) - len(headline)} more metrics (AP75, APs, per-class AP, "
+                                             "BLEU-1..3, ...) in eval_table.json."]
     assert cells[0] == ["INST", "test_shapes_val", "box AP", "40.00%"]
-    assert ["INST", "test_shapes_val", "box APs", "n/a"] in cells
+    assert ["INST", "test_shapes_val", "box APs", "n/a"] not in cells
+    full = format_evaluation_table(data["rows"], headline_only=False).splitlines()
+    assert len(full) == 2 + len(data["rows"]) and "| box APs " in "\n".join(full)
     assert ["CAP", "test_shapes_caption_val", "CIDEr", "104.25"] in cells
     assert ["RET", "test_shapes_caption_val", "strict R@10 text→image", "89.00%"] in cells
 

@@ -98,7 +98,7 @@ def _dataset_rows(task: str, task_type: str, dataset: str, results: Mapping) -> 
                         f"got {type(results).__name__}")
     if not results:
         return [{"task": task, "type": task_type, "dataset": dataset, "metric": NO_RESULTS, "value": None,
-                 "unit": "", "group": None, "key": None}]
+                 "unit": "", "group": None, "key": None, "headline": True}]
     found = []
     for group, metrics in results.items():
         if not isinstance(metrics, Mapping):
@@ -109,7 +109,7 @@ def _dataset_rows(task: str, task_type: str, dataset: str, results: Mapping) -> 
     ordered = sorted(found, key=lambda f: rank.get(f[:2], len(rank)))  # stable: the rest keep the results' order
     return [{"task": task, "type": task_type, "dataset": dataset, "metric": _label(group, key),
              "value": _value(value, f"results[{group!r}][{key!r}] of task {task!r} on {dataset!r}"),
-             "unit": _unit(group, key), "group": group, "key": key}
+             "unit": _unit(group, key), "group": group, "key": key, "headline": (group, key) in rank}
             for group, key, value in ordered]
 
 
@@ -134,7 +134,8 @@ def evaluation_rows(cfg, results: Optional[Mapping]) -> List[Dict[str, Any]]:
         list of dicts with keys "task" (cfg.TASKS name), "type" (task TYPE), "dataset", "metric"
         (readable name), "value" (float as the evaluator gave it, None for NaN / inf), "unit" ("%"
         or "": see the module docstring), "group" and "key" (where the value sits in ``results``;
-        None for a "(no results)" row).
+        None for a "(no results)" row) and "headline" (True for the headline metrics above and
+        "(no results)" rows).
 
     Raises:
         ValueError: a task of ``results`` that ``cfg.TASKS`` does not have, or a dataset that is not
@@ -177,13 +178,18 @@ def _format_value(row: Mapping) -> str:
     return "n/a" if row["value"] is None else f"{row['value']:.2f}{row['unit']}"
 
 
-def format_evaluation_table(rows: List[Mapping]) -> str:
+def format_evaluation_table(rows: List[Mapping], headline_only: bool = True) -> str:
     """The GitHub Markdown table (tabulate, "github") of :func:`evaluation_rows`' rows, columns
     task | dataset | metric | value; values with 2 decimals and their unit ("45.10%"), "n/a" for None.
-    An empty ``rows`` gives the header alone."""
-    table = [(r["task"], r["dataset"], r["metric"], _format_value(r)) for r in rows]
-    return tabulate(table, headers=("task", "dataset", "metric", "value"), tablefmt="github",
+    ``headline_only``: only the rows marked "headline", followed by a line counting the others
+    (kept in eval_table.json). An empty ``rows`` gives the header alone."""
+    shown = [r for r in rows if r.get("headline", True)] if headline_only else list(rows)
+    table = [(r["task"], r["dataset"], r["metric"], _format_value(r)) for r in shown]
+    text = tabulate(table, headers=("task", "dataset", "metric", "value"), tablefmt="github",
                     disable_numparse=True, colalign=("left", "left", "left", "right"))
+    if len(shown) < len(rows):
+        text += f"\n\n{len(rows) - len(shown)} more metrics (AP75, APs, per-class AP, BLEU-1..3, ...) in {TABLE_JSON}."
+    return text
 
 
 def write_evaluation_table(cfg, results: Optional[Mapping], folder: str) -> Tuple[str, str]:
