@@ -151,3 +151,34 @@ def test_two_process_gather_equals_single_process(tmp_path):
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank1 == {}
     _assert_equals_single_process(rank0)
+
+
+def _retrieval_with_captions(indices, distributed):
+    """RetrievalEvaluator(match_identical_captions=True) on the samples ``indices``: 3 captions per
+    image drawn from 5 texts, so many texts are shared between images."""
+    from up2.evaluation import RetrievalEvaluator
+
+    n, scores, labels, img, txt, mlm, mlm_pred, gts, caps = _data()
+    ev = RetrievalEvaluator(distributed=distributed, match_identical_captions=True)
+    for i in indices:
+        texts = [f"text {(2 * i + k) % 5}" for k in range(3)]
+        ev.process([{"image_id": i, "captions": texts}], [{"image_embedding": img[i], "text_embeddings": txt[i]}])
+    return ev.evaluate()
+
+
+def test_gather_keeps_the_captions_of_every_rank(monkeypatch):
+    """match_identical_captions through the gather: rank 0 groups the texts of both ranks' images."""
+    sent = {r: [] for r in range(WORLD)}
+    per_rank = {}
+    for rank in (1, 0):
+        fake = _FakeComm(rank, sent)
+        with monkeypatch.context() as m:
+            fake.install(m)
+            per_rank[rank] = _retrieval_with_captions(_shard(rank), distributed=True)
+    assert per_rank[1] == {}
+    single = _retrieval_with_captions(list(range(12)), distributed=False)["retrieval"]
+    rank0 = per_rank[0]["retrieval"]
+    assert rank0.keys() == single.keys() and {f"strict_{k}" for k in ("i2t_R@1", "t2i_R@1")} <= rank0.keys()
+    for k, v in single.items():
+        assert abs(rank0[k] - v) < 1e-9, k
+    assert rank0["t2i_R@1"] > rank0["strict_t2i_R@1"]  # the shared texts were matched across the ranks' images

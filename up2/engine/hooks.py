@@ -25,14 +25,15 @@ class ProgressBar(HookBase):
     def after_step(self):
         if self._bar is None:
             return
-        self._bar.update(1)
-        # the sampled task and its loss (MultiTaskStep), else the total loss
+        # the sampled task and its loss (MultiTaskStep), else the total loss; set before update(),
+        # which redraws the bar: the line shows this iteration's values, not the previous one's
         task_losses = getattr(getattr(self.trainer, "_trainer", None), "last_task_losses", None)
         if task_losses:
             task = "+".join(task_losses)
             self._bar.set_postfix_str(f"task={task} loss={sum(task_losses.values()):.3f}", refresh=False)
         elif "total_loss" in self.trainer.storage.latest():
             self._bar.set_postfix(loss=f"{self.trainer.storage.latest()['total_loss'][0]:.3f}", refresh=False)
+        self._bar.update(1)
 
     def after_train(self):
         if self._bar is not None:

@@ -122,9 +122,9 @@ def _recalls_by_text(img, txt, owner, group, ks, chunk_size) -> Dict[str, float]
     i2t_rank = torch.empty(n, dtype=torch.int64, device=img.device)
     for s in range(0, n, chunk_size):
         sim = img[s : s + chunk_size] @ txt.T  # (c, m)
-        right = has[s : s + sim.shape[0]][:, group]  # (c, m)
-        own = owner[None, :] == torch.arange(s, s + sim.shape[0], device=img.device)[:, None]
-        best = sim.masked_fill(~own, float("-inf")).amax(1, keepdim=True)  # best of the image's own captions
+        right = has[s : s + sim.shape[0]][:, group]  # (c, m), the image's own captions included
+        # the best right caption: one of another image with an own caption's text counts too
+        best = sim.masked_fill(~right, float("-inf")).amax(1, keepdim=True)
         i2t_rank[s : s + sim.shape[0]] = ((sim >= best) & ~right).sum(1)
     t2i_rank = torch.empty(m, dtype=torch.int64, device=img.device)
     for s in range(0, m, chunk_size):

@@ -230,8 +230,14 @@ def task_input_config(cfg, spec: TaskSpec):
     """``cfg`` with the image sizes of task ``spec``: when ``spec.image_size`` is set, a frozen
     copy whose INPUT resizes the shorter side to it in training and test (one scale), keeping
     the config's longer-side cap in proportion (MAX_SIZE_* x image_size / MIN_SIZE_TEST), and
-    whose large-scale jitter crops at it; otherwise ``cfg`` itself."""
+    whose large-scale jitter crops at it; otherwise ``cfg`` itself.
+
+    Raises:
+        ValueError: a negative ``spec.image_size`` (names ``TASKS.<NAME>.IMAGE_SIZE``).
+    """
     size = spec.image_size
+    if size < 0:
+        raise ValueError(f"cfg.TASKS.{spec.name}.IMAGE_SIZE must be >= 0 pixels (0: cfg.INPUT's sizes), got {size}")
     if not size:
         return cfg
     inp = cfg.INPUT

@@ -72,6 +72,9 @@ def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: boo
 
     Returns:
         0-dim float: mean of image->text and text->image cross-entropy over the local queries.
+
+    Raises:
+        ValueError: ``keys`` not of shape (N,).
     """
     distributed = gather and dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
@@ -80,6 +83,8 @@ def retrieval_loss(img: torch.Tensor, txt: torch.Tensor, likelihood, gather: boo
     offset = rank * img.shape[0]
     same = None
     if keys is not None:
+        if keys.shape != (img.shape[0],):
+            raise ValueError(f"keys must have shape ({img.shape[0]},), one per pair, got {tuple(keys.shape)}")
         all_keys = gather_with_grad(keys) if gather else keys
         same = keys[:, None] == all_keys[None, :]  # (N, G)
     return 0.5 * (infonce(likelihood(img, all_txt), offset, same) + infonce(likelihood(txt, all_img), offset, same))
