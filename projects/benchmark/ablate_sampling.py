@@ -2,10 +2,13 @@
 """Tab. 4 of the paper on shapes: task sampling, Gather Feature and TBGN (paper §4.4, §5.3).
 
     .venv/bin/python projects/benchmark/ablate_sampling.py --iters 1500
-    .venv/bin/python projects/benchmark/ablate_sampling.py --iters 10 --rows unmixed unmixed+gather
+    .venv/bin/python projects/benchmark/ablate_sampling.py --iters 10 --rows unmixed unmixed+gather --seeds 0
 
 Four runs of configs/tiny/joint_shapes.yaml (every task) with the same iterations, seed and
-initial weights, then every task evaluated on shapes val:
+initial weights, then every task evaluated on shapes val; every row runs once per seed of
+``--seeds`` (default 0 1: cfg.SEED, i.e. initial weights and augmentation; the task draws and
+data order follow DATALOADER.TASK_SAMPLER_SEED, a KEY VALUE override) so the run-to-run noise
+is visible next to the differences between rows:
 
     mixed                 every task every iteration, losses summed with s_k; no gather; AdamW
     unmixed               one task per iteration for all ranks (paper); no gather; AdamW
@@ -25,8 +28,9 @@ rank), so every row trains on the same expected number of images of each task pe
 every iteration instead (K times the data and compute of an unmixed iteration).
 
 Prints one table (rows = settings; columns = box AP50, mask AP50, top-1, R@1 i2t, R@1 t2i,
-BLEU-4, CIDEr, MLM acc, training seconds) and writes it to ``<output>/ablate_sampling.json``
-(atomically). Training seconds exclude process start-up and evaluation.
+BLEU-4, CIDEr, MLM acc, training seconds; each cell one value per seed, "35.3 / 37.1") and
+writes it to ``<output>/ablate_sampling.json`` (atomically; every row's values per seed). Training
+seconds exclude process start-up and evaluation. Run folders: ``<output>/seed<S>/<row>``.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from detectron2.engine import HookBase  # noqa: E402
 from learn_shapes import REPO, per_task_results, prepare_shapes, shapes_config  # noqa: E402
 
 WORLD = 2
@@ -95,10 +100,31 @@ def table_row(results: dict) -> list:
     return values
 
 
-def _worker(row: str, args: argparse.Namespace, result_file: str) -> None:
+def seed_cell(values, fmt: str = ".1f") -> str:
+    """One table cell holding one value per seed: ``[35.26, 37.1]`` -> ``"35.3 / 37.1"``; a
+    missing value (None) is ``"-"``."""
+    return " / ".join("-" if v is None else format(v, fmt) for v in values)
+
+
+def seed_table(rows: list, headers: list) -> list:
+    """Table lines from the JSON rows (``{"row": name, "per_seed": [{header: value, ...}, ...]}``):
+    the row name, then for every header of ``headers[1:]`` the per-seed cell (:func:`seed_cell`)."""
+    return [[r["row"]] + [seed_cell([s.get(h) for s in r["per_seed"]]) for h in headers[1:]] for r in rows]
+
+
+class TrainClock(HookBase):
+    """Seconds from the first to the end of the last training step (no evaluation): ``seconds``."""
+
+    def before_train(self):
+        self.start, self.seconds = time.perf_counter(), 0.0
+
+    def after_step(self):
+        self.seconds = time.perf_counter() - self.start
+
+
+def _worker(row: str, args: argparse.Namespace, seed: int, result_file: str) -> None:
     """One rank of one row: train, evaluate every task (distributed), rank 0 writes ``result_file``."""
     import torch
-    from detectron2.engine import HookBase
     from detectron2.utils import comm
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
@@ -109,19 +135,10 @@ def _worker(row: str, args: argparse.Namespace, result_file: str) -> None:
 
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
-    cfg = row_config(row, args.iters, args.output, args.seed, args.mixed_batch, args.opts)
+    cfg = row_config(row, args.iters, os.path.join(args.output, f"seed{seed}"), seed, args.mixed_batch, args.opts)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank())
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="up2")
     seed_all_rng(cfg.SEED + comm.get_rank())  # as detectron2's default_setup
-
-    class TrainClock(HookBase):
-        """Seconds from the first to the end of the last training step (no evaluation)."""
-
-        def before_train(self):
-            self.start, self.seconds = time.perf_counter(), 0.0
-
-        def after_step(self):
-            self.seconds = time.perf_counter() - self.start
 
     clock = TrainClock()
     trainer = UP2Trainer(cfg)
@@ -141,19 +158,19 @@ def _worker(row: str, args: argparse.Namespace, result_file: str) -> None:
                            "ims_per_batch": {n: t.IMS_PER_BATCH for n, t in cfg.TASKS.items()}}, result_file)
 
 
-def run_row(row: str, args: argparse.Namespace) -> dict:
-    """Launch the 2 processes of ``row`` and return what its rank 0 wrote.
+def run_row(row: str, args: argparse.Namespace, seed: int) -> dict:
+    """Launch the 2 processes of ``row`` with cfg.SEED ``seed`` and return what its rank 0 wrote.
 
     up2's ``launch`` (detectron2's, plus a teardown in every worker): when ``_worker`` returned,
     its trainer (and DDP wrapper) is released, the ranks meet at a barrier and the process group
     is destroyed, so no rank aborts at exit after its results were written."""
     from up2.utils.distributed import launch
 
-    result_file = os.path.join(args.output, row, "row_results.json")
+    result_file = os.path.join(args.output, f"seed{seed}", row, "row_results.json")
     if os.path.exists(result_file):
         os.remove(result_file)
     start = time.time()
-    launch(_worker, WORLD, dist_url="auto", args=(row, args, result_file))
+    launch(_worker, WORLD, dist_url="auto", args=(row, args, seed, result_file))
     with open(result_file, "r", encoding="utf-8") as f:
         out = json.load(f)
     out["wall_seconds"] = time.time() - start
@@ -165,33 +182,42 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=1500, help="training iterations of every row")
     parser.add_argument("--output", default=os.path.join(REPO, "output/ablate_sampling"))
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="a subset of the rows")
-    parser.add_argument("--seed", type=int, default=0, help="cfg.SEED of every row (initial weights, augmentation)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                       help="cfg.SEED values (initial weights, augmentation): every row runs once per seed")
+    seeds.add_argument("--seed", type=int, help="one seed (same as --seeds S)")
     parser.add_argument("--mixed-batch", choices=("scaled", "full"), default="scaled",
                         help="per-task batch of the mixed row (module docstring)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every row")
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error(f"--iters must be >= 1, got {args.iters}")
+    if args.seed is not None:
+        args.seeds = [args.seed]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
 
     prepare_shapes()
     from tabulate import tabulate
 
     from up2.utils import write_json_atomic
 
-    table = []
-    for row in args.rows:
-        out = run_row(row, args)
-        table.append({"row": row, **dict(zip([c[0] for c in COLUMNS], table_row(out["results"]))),
-                      "train s": round(out["train_seconds"], 1), "wall s": round(out["wall_seconds"], 1),
-                      "ims_per_batch": out["ims_per_batch"], "task_counts": out["task_counts"]})
+    table = [{"row": row, "per_seed": []} for row in args.rows]
+    for seed in args.seeds:  # seed-major: a complete table of the first seed comes first
+        for entry in table:
+            out = run_row(entry["row"], args, seed)
+            entry["ims_per_batch"] = out["ims_per_batch"]
+            values = dict(zip([c[0] for c in COLUMNS], table_row(out["results"])))
+            entry["per_seed"].append({"seed": seed, **values, "train s": round(out["train_seconds"], 1),
+                                      "wall s": round(out["wall_seconds"], 1), "task_counts": out["task_counts"]})
     headers = ["setting"] + [c[0] for c in COLUMNS] + ["train s"]
     print()
-    print(f"Tab. 4 on shapes: {args.iters} iterations per row, {WORLD} processes, seed {args.seed}")
-    print(tabulate([[r["row"]] + [r[h] for h in headers[1:]] for r in table], headers=headers,
-                   floatfmt=".1f", tablefmt="github", missingval="-"))
+    print(f"Tab. 4 on shapes: {args.iters} iterations per row, {WORLD} processes, "
+          f"seed{'s' if len(args.seeds) > 1 else ''} {' / '.join(map(str, args.seeds))}")
+    print(tabulate(seed_table(table, headers), headers=headers, tablefmt="github", disable_numparse=True))
     path = os.path.join(args.output, "ablate_sampling.json")
-    write_json_atomic({"iters": args.iters, "world_size": WORLD, "seed": args.seed, "mixed_batch": args.mixed_batch,
-                       "opts": list(args.opts), "columns": headers, "rows": table}, path)
+    write_json_atomic({"iters": args.iters, "world_size": WORLD, "seeds": list(args.seeds),
+                       "mixed_batch": args.mixed_batch, "opts": list(args.opts), "columns": headers, "rows": table}, path)
     print(f"written: {path}")
 
 
