@@ -91,6 +91,9 @@ def main(argv=None):
     cfg.freeze()
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
 
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(cfg.SEED)  # as train_net.py's default_setup: model init and data order follow --seed
     trainer = UP2Trainer(cfg)
     trainer.resume_or_load(resume=False)
     t0 = time.time()
