@@ -9,6 +9,7 @@ Shape shorthand: C class names, I images, J texts, d width, B images per batch.
     p.detect("photo.jpg", class_names=["cat", "dog"])      # Instances in image pixels
     p.detect(["a.jpg", "b.jpg"], batch_size=8)             # [Instances, Instances], in input order
     p.classify("photo.jpg", ["circle", "square"])          # {"scores": (C,), "label": str}
+    p.classify("photo.jpg")                                # over the trained classes, p.class_names()
     p.caption("photo.jpg", beam_size=3)                    # str
     p.retrieve(["a.jpg", "b.jpg"], ["a red circle", "two stars"])  # (I, J) similarity
 
@@ -120,6 +121,16 @@ def _as_list(images: ImagesLike, what: str = "images") -> Tuple[list, bool]:
                     f"got {type(images).__name__}")
 
 
+# the task each method runs, by kind: (what an error calls it, which tasks qualify)
+_TASK_KINDS: Dict[str, Tuple[str, Callable]] = {
+    "detection": ("detection", lambda t: t.localization),
+    "instance_segmentation": ("instance segmentation", lambda t: t.localization and t.with_masks),
+    "classification": ("classification", lambda t: t.family is TaskFamily.CLASSIFICATION),
+    "captioning": ("captioning", lambda t: t.family is TaskFamily.CAPTIONING),
+    "retrieval": ("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL),
+}
+
+
 class GeneralistPredictor:
     """Wraps a UniPerceiverV2 in eval mode; each method runs one task (by task type) on one
     image or a list of images (batched, results in input order)."""
@@ -165,13 +176,30 @@ class GeneralistPredictor:
         return cls(cfg)
 
     # ------------------------------------------------------------------ helpers
-    def _task(self, what: str, accepts: Callable) -> str:
-        """The first task (in name order) that ``accepts``; KeyError naming ``what`` otherwise."""
+    def _task(self, kind: str) -> str:
+        """The name of the task a method runs for ``kind`` (a key of ``_TASK_KINDS``): the first
+        task, in name order, of that kind; KeyError naming the kind otherwise."""
+        what, accepts = _TASK_KINDS[kind]
         for name in sorted(self.model.tasks):
             if accepts(self.model.tasks[name]):
                 return name
         raise KeyError(f"this model's config has no {what} task; configured: "
                        f"{ {n: t.spec.type for n, t in self.model.tasks.items()} }")
+
+    def class_names(self, kind: str = "classification") -> Tuple[str, ...]:
+        """The class names stored with the checkpoint (``cfg.TASKS.<NAME>.CLASS_NAMES``, resolved
+        from the training data) of the task that :meth:`classify` (``kind="classification"``),
+        :meth:`detect` ("detection") or :meth:`segment` ("instance_segmentation") runs; the
+        order of the scores and class indices those methods return without ``class_names``.
+
+        Raises:
+            ValueError: ``kind`` is none of those three.
+            KeyError: the model has no task of that kind.
+        """
+        if kind not in ("classification", "detection", "instance_segmentation"):
+            raise ValueError(f"class_names: kind must be 'classification', 'detection' or "
+                             f"'instance_segmentation', got {kind!r}")
+        return tuple(self.model.tasks[self._task(kind)].spec.class_names)
 
     def _input(self, image: ImageLike, task: str, index: Optional[int] = None) -> dict:
         """One model input of ``task``: {"image": (3, h, w) uint8 resized to the task's test size
@@ -206,30 +234,44 @@ class GeneralistPredictor:
         Raises:
             ValueError: an empty ``class_names`` or list of images, ``batch_size`` < 1.
         """
-        name = self._task("detection", lambda t: t.localization)
+        name = self._task("detection")
         return self._map(images, name, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
     @torch.no_grad()
     def segment(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
         """As :meth:`detect`, from an instance-segmentation task (masks included)."""
-        name = self._task("instance segmentation", lambda t: t.localization and getattr(t, "with_masks", False))
+        name = self._task("instance_segmentation")
         return self._map(images, name, batch_size,
                          lambda xs: [o["instances"] for o in self.model(xs, task=name, class_names=class_names)])
 
     @torch.no_grad()
-    def classify(self, images: ImagesLike, class_names: Sequence[str], batch_size: int = 8):
-        """{"scores": (C,) float32 probabilities over ``class_names``, "label": best name} per
-        image (a list for a list of images).
+    def classify(self, images: ImagesLike, class_names: Optional[Sequence[str]] = None, batch_size: int = 8):
+        """Image classification (paper §4: the image's [SPE] feature against the class names'):
+        {"scores": (C,) float32 probabilities over the classes, "label": best name} per image (a
+        list for a list of images).
+
+        Args:
+            class_names: the C classes to choose from (open vocabulary); None = the classes the
+                classification task was trained on, stored with the checkpoint
+                (:meth:`class_names`, ``cfg.TASKS.<NAME>.CLASS_NAMES``), in that order.
 
         Raises:
-            ValueError: empty ``class_names`` (or a single string, an empty or repeated name) or
-                list of images, ``batch_size`` < 1.
+            ValueError: ``class_names`` empty (or a single string, an empty or repeated name);
+                None while the checkpoint stores no class names for its classification task;
+                an empty list of images; ``batch_size`` < 1.
+            KeyError: the model has no classification task.
         """
-        if class_names is None or len(class_names) == 0:
+        name = self._task("classification")
+        if class_names is None:
+            class_names = self.model.tasks[name].spec.class_names
+            if len(class_names) == 0:
+                raise ValueError(f"classify: no class_names given and the checkpoint stores none for its "
+                                 f"classification task {name} (cfg.TASKS.{name}.CLASS_NAMES is empty); "
+                                 "pass class_names=[...]")
+        elif len(class_names) == 0:
             raise ValueError("classify needs a non-empty list of class_names")
         names = list(check_class_names(class_names, "classify: class_names"))
-        name = self._task("classification", lambda t: t.family is TaskFamily.CLASSIFICATION)
         return self._map(images, name, batch_size, lambda xs: [
             {"scores": o["pred_class_scores"], "label": names[o["pred_class"]]}
             for o in self.model(xs, task=name, class_names=names)])
@@ -239,7 +281,7 @@ class GeneralistPredictor:
                 batch_size: int = 8, length_penalty: Optional[float] = None):
         """A caption (str) by beam search (beam 1 = greedy) per image (a list for a list of images);
         None = the task's BEAM_SIZE / MAX_CAPTION_LENGTH / LENGTH_PENALTY (``up2.modeling.beam_search``)."""
-        name = self._task("captioning", lambda t: t.family is TaskFamily.CAPTIONING)
+        name = self._task("captioning")
         return self._map(images, name, batch_size, lambda xs: [
             o["caption"] for o in self.model(xs, task=name, beam_size=beam_size, max_length=max_length,
                                              length_penalty=length_penalty)])
@@ -260,7 +302,7 @@ class GeneralistPredictor:
             raise ValueError("retrieve needs at least one text")
         if any(not isinstance(t, str) or not t.strip() for t in texts):
             raise ValueError(f"retrieve: texts must be non-empty strings, got {list(texts)!r}")
-        name = self._task("retrieval", lambda t: t.family is TaskFamily.RETRIEVAL)
+        name = self._task("retrieval")
         task = self.model.tasks[name]
         with self.model.inference_autocast():
             img = torch.stack(self._map(list(images), name, batch_size, lambda xs: list(task.embed_images(self.model, xs))))
