@@ -1,10 +1,23 @@
 #!/usr/bin/env python
-"""The main job (README's first command, ``make demo``): build shapes, train a tiny UP2 on the
-CPU, evaluate it with COCOEvaluator, and predict on real photos that scikit-image ships.
+"""The main job (README's first command, ``make demo``): one UP2 checkpoint learns every task.
 
-Writes to ``--output`` (default output/demo): ``model_final.pth``, ``summary.json`` (COCO
-box/mask AP on shapes val, training time, per-photo detections; strict JSON, NaN as null) and
-``pictures/*.png``. ``metrics.json`` in the same folder is detectron2's JSON-lines training log.
+Builds the synthetic shapes data, trains ONE tiny UP2 on the CPU on every task type at once
+(instance segmentation, which gives detection too, classification, image-text retrieval,
+captioning and masked language modelling; unmixed task sampling and TBGN, paper §4.4) with
+``configs/tiny/joint_shapes.yaml``, evaluates that checkpoint on every task of shapes val, and
+draws picture sheets of its predictions.
+
+Writes to ``--output`` (default output/demo):
+
+- ``model_final_inference/``: the shareable checkpoint (``GeneralistPredictor.from_pretrained``);
+  ``model_final.pth``: detectron2's training checkpoint.
+- ``eval_table.md`` / ``eval_table.json``: the combined evaluation table (box / mask AP and
+  AP50, top-1 / top-5, R@1/5/10 both ways, BLEU-4, CIDEr, masked-token accuracy).
+- ``pictures/index.html``: one sheet per shapes val image (boxes and masks, generated caption,
+  top-3 classes, rank of the true caption among all val captions), and two real photos whose
+  title says the model learned only synthetic shapes.
+- ``summary.json``: timings and the table (strict JSON). ``metrics.json`` is detectron2's
+  JSON-lines training log.
 """
 from __future__ import annotations
 
@@ -16,7 +29,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PHOTOS = ("astronaut", "chelsea", "coffee", "camera", "logo")  # camera is grayscale, logo is RGBA
+CONFIG = "configs/tiny/joint_shapes.yaml"
+PHOTOS = ("astronaut", "coffee")  # scikit-image's bundled photos
 SUMMARY_FILE = "summary.json"  # not "metrics.json": detectron2's JSONWriter logs training there
 
 
@@ -26,7 +40,7 @@ def sh(args, env=None):
 
 
 def save_photos(folder: str):
-    """scikit-image's bundled photos as PNG files, in their own modes (L for camera, RGBA for logo)."""
+    """scikit-image's bundled photos as PNG files; returns their paths."""
     import skimage.data
     from PIL import Image
 
@@ -54,8 +68,10 @@ def write_summary(out: str, summary: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--config-file", default="configs/tiny/inst_shapes.yaml")
-    parser.add_argument("--iters", type=int, default=700, help="training iterations (about 1 s each on 2 cores)")
+    parser.add_argument("--config-file", default=CONFIG)
+    parser.add_argument("--iters", type=int, default=0,
+                        help="training iterations (0: the config's SOLVER.MAX_ITER, lr step at its SOLVER.STEPS)")
+    parser.add_argument("--sheets", type=int, default=8, help="shapes val images drawn as picture sheets")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output)
     os.makedirs(out, exist_ok=True)
@@ -64,36 +80,46 @@ def main(argv=None):
 
     t0 = time.time()
     sh([py, "datasets/prepare_shapes.py", "--out", "datasets/shapes"], env)
-    steps = max(1, int(args.iters * 0.8))
-    common = ["OUTPUT_DIR", out]
-    sh([py, "train_net.py", "--config-file", args.config_file, "SOLVER.MAX_ITER", str(args.iters),
-        "SOLVER.STEPS", f"({steps},)", "UP2_PROGRESS_BAR", "True", *common], env)
+    schedule = []
+    if args.iters:
+        schedule = ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.STEPS", f"({max(1, int(args.iters * 0.8))},)"]
+    # training ends with the evaluation of every task, which train_net.py prints as one table and
+    # writes to eval_table.{md,json}, and with the inference checkpoint model_final_inference/
+    sh([py, "train_net.py", "--config-file", args.config_file, *schedule, "UP2_PROGRESS_BAR", "True",
+        "OUTPUT_DIR", out], env)
     t_train = time.time() - t0
-    weights = os.path.join(out, "model_final.pth")
-    sh([py, "train_net.py", "--config-file", args.config_file, "--eval-only", "MODEL.WEIGHTS", weights, *common], env)
+
+    os.environ.update(env)
+    sys.path.insert(0, REPO)
+    from up2.data.datasets.builtin import register_all_builtin
+    from up2.predictor import GeneralistPredictor
 
     try:  # imported as projects.demo.main_job, or run as a script (then this folder is on sys.path)
-        from .demo import run, setup_cfg
+        from .sheets import write_sheets
     except ImportError:
-        from demo import run, setup_cfg
+        from sheets import write_sheets
 
+    register_all_builtin(env["UP2_DATASETS"])
+    with open(os.path.join(out, "eval_table.json"), encoding="utf-8") as f:
+        table = json.load(f)
+    predictor = GeneralistPredictor.from_pretrained(os.path.join(out, "model_final_inference"))
     photos = save_photos(os.path.join(out, "photos"))
-    cfg = setup_cfg(args.config_file, ["MODEL.WEIGHTS", weights])
-    detections = run(cfg, photos, os.path.join(out, "pictures"), threshold=0.3)
+    page = write_sheets(predictor, "shapes_val", os.path.join(out, "pictures"), num_images=args.sheets,
+                        photos=photos, table_rows=table["rows"])
 
-    with open(os.path.join(out, "eval_results.json"), encoding="utf-8") as f:
-        evaluation = json.load(f)
     summary = {
         "config": args.config_file,
-        "iterations": args.iters,
-        "train_seconds": round(t_train, 1),
+        "train_and_evaluate_seconds": round(t_train, 1),
         "total_seconds": round(time.time() - t0, 1),
-        "shapes_val": evaluation,
-        "photos": detections,
+        "evaluation": table["rows"],
+        "pictures": page,
     }
     path = write_summary(out, summary)
-    print(json.dumps({k: summary[k] for k in ("iterations", "train_seconds", "shapes_val")}, indent=2))
-    print(f"\nmain job done: pictures in {os.path.join(out, 'pictures')}, summary in {path}")
+    with open(os.path.join(out, "eval_table.md"), encoding="utf-8") as f:
+        print("\n" + f.read())
+    print(f"main job done in {summary['total_seconds'] / 60:.1f} min: one checkpoint, every task.\n"
+          f"  pictures:   {page}\n  checkpoint: {os.path.join(out, 'model_final_inference')}\n"
+          f"  table:      {os.path.join(out, 'eval_table.md')}\n  summary:    {path}")
 
 
 if __name__ == "__main__":
