@@ -150,6 +150,39 @@ def train_and_evaluate(cfg) -> dict:
     return out
 
 
+def load_joint_run(folder: str, iters: int) -> dict:
+    """A finished joint training of the same config (e.g. ``make demo``'s output folder), as
+    :func:`train_and_evaluate` returns it: results from ``eval_table.json`` (written by
+    ``train_net.py`` after the final evaluation), task counts from detectron2's ``metrics.json``;
+    training seconds are not known (None).
+
+    Raises:
+        FileNotFoundError: ``folder`` lacks eval_table.json or metrics.json (names the file).
+        ValueError: the run did not train ``iters`` iterations.
+    """
+    import json
+
+    paths = [os.path.join(folder, name) for name in ("eval_table.json", "metrics.json")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--joint-from: {path} does not exist; expected a finished train_net.py run")
+    with open(paths[0], encoding="utf-8") as f:
+        rows = json.load(f)["rows"]
+    results: dict = {}
+    for r in rows:
+        if r.get("group") is not None and r.get("value") is not None:
+            results.setdefault(r["task"], {}).setdefault(r["dataset"], {}).setdefault(r["group"], {})[r["key"]] = r["value"]
+    counts, last = {}, -1
+    with open(paths[1], encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            last = max(last, int(entry.get("iteration", -1)))
+            counts.update({k.partition("/")[2]: int(v) for k, v in entry.items() if k.startswith("task_count/")})
+    if last + 1 != iters:
+        raise ValueError(f"--joint-from {folder}: that run trained {last + 1} iterations, not --iters {iters}")
+    return {"iters": iters, "train_seconds": None, "task_counts": counts, "results": results}
+
+
 def task_metrics(results: dict, task: str) -> dict:
     """COLUMNS header -> value (float) of the metrics ``task`` reports in ``results``
     (``{task: {dataset: {group: {metric: value}}}}``); ``{}`` when the task is absent."""
@@ -190,7 +223,8 @@ def comparison_rows(tasks, seeds, runs: dict, planned: dict) -> list:
                               "difference": None if jv is None or sv is None else jv - sv,
                               "updates_joint": joint["task_counts"].get(task, 0) if joint else None,
                               "train_s_single": round(single["train_seconds"], 1) if single else None,
-                              "train_s_joint": round(joint["train_seconds"], 1) if joint else None})
+                              "train_s_joint": round(joint["train_seconds"], 1) if joint and joint["train_seconds"]
+                              is not None else None})
             rows.append({"task": task, "metric": header, "updates_single": planned[task], "per_seed": cells})
     return rows
 
@@ -220,12 +254,17 @@ def main(argv=None):
     parser.add_argument("--config-file", default=CONFIG)
     parser.add_argument("--output", default=os.path.join(REPO, "output/joint_vs_single"))
     parser.add_argument("--only", choices=("single", "joint", "both"), default="both", help="which runs to train")
+    parser.add_argument("--joint-from", default=None,
+                        help="a finished joint train_net.py run of the same config and --iters (e.g. output/demo) "
+                             "used as the joint run instead of training one (one seed)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every run")
     args = parser.parse_args(argv)
     if args.seed is not None:
         args.seeds = [args.seed]
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
+    if args.joint_from and len(args.seeds) != 1:
+        parser.error("--joint-from gives one joint run: use one seed")
     try:  # the configs of every run, before any training: a bad argument fails at once
         configs = {}
         for seed in args.seeds:
@@ -249,7 +288,9 @@ def main(argv=None):
     for seed in args.seeds:
         joint, singles = configs[seed]
         runs[seed] = {"single": {}}
-        if args.only in ("joint", "both"):
+        if args.joint_from:
+            runs[seed]["joint"] = load_joint_run(args.joint_from, args.iters)
+        elif args.only in ("joint", "both"):
             runs[seed]["joint"] = train_and_evaluate(joint)
             log.append({"seed": seed, "run": "joint", **runs[seed]["joint"]})
         if args.only in ("single", "both"):

@@ -131,3 +131,24 @@ def test_table_with_two_seeds_and_missing_runs():
         ["CLS", "top-1", "35.2 / 38.0", "40.0 / 42.0", "+4.8 / +4.0", "5 / 6, 5", "9 / 20; 10 / 21"],
         ["MLM", "MLM acc", "- / -", "50.0 / 50.0", "- / -", "5 / 4, 5", "- / 20; - / 21"],
     ]
+
+
+def test_joint_run_read_from_a_finished_training_folder(tmp_path):
+    """--joint-from: the results come from train_net.py's eval_table.json, the updates from the
+    last task_count of each task in metrics.json; a run of another length is refused."""
+    rows = [{"task": "CLS", "dataset": "cls_val", "group": "classification", "key": "top1", "value": 91.5},
+            {"task": "CLS", "dataset": "cls_val", "group": "classification", "key": "top5", "value": None},
+            {"task": "MLM", "dataset": "text_val", "group": None, "key": None, "value": None}]
+    (tmp_path / "eval_table.json").write_text(json.dumps({"rows": rows, "config": "x"}))
+    log = [{"iteration": 9, "task_count/CLS": 4, "task_count/MLM": 6},
+           {"iteration": 19, "task_count/CLS": 11}, {"iteration": 19, "task_count/MLM": 9}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(e) for e in log) + "\n")
+    run = jvs.load_joint_run(str(tmp_path), 20)
+    assert run["task_counts"] == {"CLS": 11, "MLM": 9} and run["train_seconds"] is None
+    assert run["results"] == {"CLS": {"cls_val": {"classification": {"top1": 91.5}}}}
+    assert jvs.task_metrics(run["results"], "CLS") == {"top-1": 91.5}
+    with pytest.raises(ValueError, match="trained 20 iterations, not --iters 30"):
+        jvs.load_joint_run(str(tmp_path), 30)
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        jvs.load_joint_run(str(tmp_path), 20)
