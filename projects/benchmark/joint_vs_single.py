@@ -176,8 +176,10 @@ def load_joint_run(folder: str, iters: int) -> dict:
     with open(paths[1], encoding="utf-8") as f:
         for line in f:
             entry = json.loads(line)
-            last = max(last, int(entry.get("iteration", -1)))
-            counts.update({k.partition("/")[2]: int(v) for k, v in entry.items() if k.startswith("task_count/")})
+            found = {k.partition("/")[2]: int(v) for k, v in entry.items() if k.startswith("task_count/")}
+            if found:  # a training step's line (the final evaluation logs under iteration MAX_ITER)
+                last = max(last, int(entry.get("iteration", -1)))
+                counts.update(found)
     if last + 1 != iters:
         raise ValueError(f"--joint-from {folder}: that run trained {last + 1} iterations, not --iters {iters}")
     return {"iters": iters, "train_seconds": None, "task_counts": counts, "results": results}

@@ -105,7 +105,7 @@ def main(argv=None):
     predictor = GeneralistPredictor.from_pretrained(os.path.join(out, "model_final_inference"))
     photos = save_photos(os.path.join(out, "photos"))
     page = write_sheets(predictor, "shapes_val", os.path.join(out, "pictures"), num_images=args.sheets,
-                        photos=photos, table_rows=table["rows"])
+                        photos=photos, table_rows=table["rows"], threshold=0.25)
 
     summary = {
         "config": args.config_file,

@@ -141,7 +141,8 @@ def test_joint_run_read_from_a_finished_training_folder(tmp_path):
             {"task": "MLM", "dataset": "text_val", "group": None, "key": None, "value": None}]
     (tmp_path / "eval_table.json").write_text(json.dumps({"rows": rows, "config": "x"}))
     log = [{"iteration": 9, "task_count/CLS": 4, "task_count/MLM": 6},
-           {"iteration": 19, "task_count/CLS": 11}, {"iteration": 19, "task_count/MLM": 9}]
+           {"iteration": 19, "task_count/CLS": 11}, {"iteration": 19, "task_count/MLM": 9},
+           {"iteration": 20, "CLS/top1": 91.5}]  # detectron2 logs the final evaluation under iteration MAX_ITER
     (tmp_path / "metrics.json").write_text("\n".join(json.dumps(e) for e in log) + "\n")
     run = jvs.load_joint_run(str(tmp_path), 20)
     assert run["task_counts"] == {"CLS": 11, "MLM": 9} and run["train_seconds"] is None
