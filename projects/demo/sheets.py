@@ -175,17 +175,23 @@ def _val_records(dataset_name: str, num_images: int) -> Tuple[List[dict], Dict[i
 def _table_html(rows: Sequence[dict]) -> str:
     if not isinstance(rows, (list, tuple)) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"table_rows must be a list of dicts (task, dataset, metric, value), got {rows!r:.200}")
+    # as eval_table.md: the headline metrics (up2.evaluation.report), values with their unit
+    shown = [r for r in rows if r.get("headline", True)]
     columns = ["task", "dataset", "metric", "value"]
-    for r in rows:
-        columns += [str(k) for k in r if str(k) not in columns]
 
-    def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+    def cell(r, c):
+        v = r.get(c)
+        if c == "value" and isinstance(v, (int, float)):
+            return f"{v:.2f}{r.get('unit', '')}"
+        return "n/a" if v is None else str(v)
 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(cell(r.get(c)))}</td>" for c in columns) + "</tr>"
-                     for r in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+    body = "\n".join("<tr>" + "".join(f"<td>{html.escape(cell(r, c))}</td>" for c in columns) + "</tr>"
+                     for r in shown)
+    note = ""
+    if len(shown) < len(rows):
+        note = f"\n<p>{len(rows) - len(shown)} more metrics in eval_table.json.</p>"
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>{note}"
 
 
 def _write_index(out_dir: str, checkpoint: str, dataset_name: str, tasks: str, sheets: List[Tuple[str, str]],

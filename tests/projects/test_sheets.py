@@ -65,7 +65,8 @@ def test_sheets_and_index(predictor, tmp_path):
     photo = tmp_path / "coffee.png"
     Image.fromarray(skimage.data.coffee()).save(photo)
     out = tmp_path / "sheets"
-    rows = [{"task": "<CLS>", "dataset": "shapes&val", "metric": "top1", "value": 0.25}]
+    rows = [{"task": "<CLS>", "dataset": "shapes&val", "metric": "top1", "value": 0.25, "unit": "%", "headline": True},
+            {"task": "<CLS>", "dataset": "shapes&val", "metric": "AP75", "value": 1.5, "unit": "%", "headline": False}]
     index = write_sheets(predictor, "test_shapes_val", str(out), num_images=2, threshold=0.0, photos=[str(photo)],
                          table_rows=rows, checkpoint="ckpt <v1> & co", max_detections=3)
     assert index == str(out / "index.html")
@@ -85,7 +86,8 @@ def test_sheets_and_index(predictor, tmp_path):
     links.feed(text)
     assert links.srcs == names
     assert "ckpt &lt;v1&gt; &amp; co" in text and "<v1>" not in text
-    assert "<td>&lt;CLS&gt;</td>" in text and "<td>shapes&amp;val</td>" in text and "<td>0.25</td>" in text
+    assert "<td>&lt;CLS&gt;</td>" in text and "<td>shapes&amp;val</td>" in text and "<td>0.25%</td>" in text
+    assert "AP75" not in text and "1 more metrics in eval_table.json" in text  # headline rows only, as eval_table.md
     val, photo_caption = links.captions[:2], links.captions[2]
     assert all("true class" in c and "retrieval rank" in c and 'caption "' in c for c in val), val
     assert all("3 detections drawn" in c for c in links.captions)  # threshold 0: the 3 best of each image

@@ -142,3 +142,35 @@ def test_predictors_resize_per_task(two_size_cfg):
     finally:
         handle.remove()
     assert seen == [("CLS", expected["CLS"]), ("DET", expected["DET"])]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("IMAGE_SIZE", "big", "IMAGE_SIZE must be a whole number, got 'big'"),
+    ("IMAGE_SIZE", 64.9, "IMAGE_SIZE must be a whole number, got 64.9"),
+    ("IMAGE_SIZE", True, "IMAGE_SIZE must be a whole number, got True"),
+    ("BEAM_SIZE", "x", "BEAM_SIZE must be a whole number, got 'x'"),
+    ("GATHER_FEATURES", "false", "GATHER_FEATURES must be True or False, got 'false'"),
+    ("MATCH_IDENTICAL_CAPTIONS", 1, "MATCH_IDENTICAL_CAPTIONS must be True or False, got 1"),
+])
+def test_task_keys_of_the_wrong_type_are_refused_naming_the_key(key, value, expected):
+    from up2.modeling.tasks.base import task_specs_from_config
+
+    cfg = tiny_cfg("retrieval")
+    name = next(iter(cfg.TASKS))
+    cfg.defrost()
+    cfg.TASKS[name][key] = value
+    with pytest.raises(ValueError, match=f"cfg.TASKS.{name}.{expected}".replace("(", r"\(").replace(")", r"\)")):
+        task_specs_from_config(cfg)
+
+
+def test_match_identical_captions_only_on_retrieval():
+    from up2.modeling.tasks.base import task_specs_from_config
+
+    cfg = tiny_cfg("classification")
+    name = next(iter(cfg.TASKS))
+    cfg.defrost()
+    cfg.TASKS[name].MATCH_IDENTICAL_CAPTIONS = True
+    with pytest.raises(ValueError, match="MATCH_IDENTICAL_CAPTIONS applies to retrieval tasks only"):
+        task_specs_from_config(cfg)
+    cfg.TASKS[name].MATCH_IDENTICAL_CAPTIONS = False
+    assert task_specs_from_config(cfg)[name].match_identical_captions is False

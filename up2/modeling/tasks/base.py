@@ -162,6 +162,28 @@ def _ids(where: str, value) -> Tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+def _field_of(key: str) -> str:
+    return key.lower()
+
+
+def _int(node, key: str, where: str) -> int:
+    """``node[key]`` (or the TaskSpec default) as an int; ValueError naming the key for anything
+    that is not a whole number (a string, a bool, 64.9)."""
+    value = node.get(key, _default(_field_of(key)))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{where}.{key} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _bool(node, key: str, where: str) -> bool:
+    """``node[key]`` (or the TaskSpec default) as a bool; ValueError naming the key for anything
+    but True / False (a quoted "false" is not read as True)."""
+    value = node.get(key, _default(_field_of(key)))
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}.{key} must be True or False, got {value!r}")
+    return value
+
+
 def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
     """Read and validate ``cfg.TASKS`` (the config alone: no dataset is looked up).
 
@@ -171,7 +193,10 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
 
     Raises:
         ValueError: no task, a key that is not in :data:`TASK_KEYS`, a TYPE not in TASK_REGISTRY,
-            a ratio/weight <= 0, a task without training datasets, malformed class names or ids.
+            a ratio/weight <= 0, a task without training datasets, malformed class names or ids,
+            a BEAM_SIZE / MAX_CAPTION_LENGTH / IMAGE_SIZE that is not a whole number, a
+            GATHER_FEATURES / MATCH_IDENTICAL_CAPTIONS that is not True / False, or
+            MATCH_IDENTICAL_CAPTIONS on a task whose TYPE is not retrieval (each names the key).
     """
     if not cfg.TASKS:
         raise ValueError("cfg.TASKS is empty: define at least one task, e.g. TASKS.DETECTION.TYPE: detection")
@@ -210,13 +235,16 @@ def task_specs_from_config(cfg) -> Dict[str, TaskSpec]:
             class_names=check_class_names(node.get("CLASS_NAMES", []), f"{where}.CLASS_NAMES"),
             vocabulary=vocabulary,
             vocabulary_ids=_ids(f"{where}.VOCABULARY_IDS", node.get("VOCABULARY_IDS", [])),
-            beam_size=int(node.get("BEAM_SIZE", _default("beam_size"))),
-            max_caption_length=int(node.get("MAX_CAPTION_LENGTH", _default("max_caption_length"))),
+            beam_size=_int(node, "BEAM_SIZE", where),
+            max_caption_length=_int(node, "MAX_CAPTION_LENGTH", where),
             length_penalty=float(node.get("LENGTH_PENALTY", _default("length_penalty"))),
-            gather_features=bool(node.get("GATHER_FEATURES", True)),
-            match_identical_captions=bool(node.get("MATCH_IDENTICAL_CAPTIONS", False)),
-            image_size=int(node.get("IMAGE_SIZE", _default("image_size"))),
+            gather_features=_bool(node, "GATHER_FEATURES", where),
+            match_identical_captions=_bool(node, "MATCH_IDENTICAL_CAPTIONS", where),
+            image_size=_int(node, "IMAGE_SIZE", where),
         )
+        if specs[name].match_identical_captions and ttype != "retrieval":
+            raise ValueError(f"{where}.MATCH_IDENTICAL_CAPTIONS applies to retrieval tasks only; this task's TYPE "
+                             f"is {ttype!r}")
         if specs[name].image_size < 0:
             raise ValueError(f"{where}.IMAGE_SIZE must be >= 0 pixels (0: cfg.INPUT's sizes), got {specs[name].image_size}")
         if specs[name].beam_size < 1 or specs[name].max_caption_length < 1:
