@@ -25,9 +25,15 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 
-__all__ = ["RetrievalEvaluator", "retrieval_recalls"]
+__all__ = ["RetrievalEvaluator", "retrieval_recalls", "normalize_caption"]
 
 logger = logging.getLogger(__name__)
+
+
+def normalize_caption(caption: str) -> str:
+    """The form in which two captions count as the same text: lower case, runs of white space as
+    one space, no leading or trailing space."""
+    return " ".join(str(caption).lower().split())
 
 
 def retrieval_recalls(
@@ -224,7 +230,7 @@ class RetrievalEvaluator(DatasetEvaluator):
                 )
             texts = ()
             if self._match_identical:
-                texts = tuple(" ".join(str(c).lower().split()) for c in inp.get("captions", ()))
+                texts = tuple(normalize_caption(c) for c in inp.get("captions", ()))
                 if len(texts) != txt.shape[0]:
                     raise ValueError(
                         f"input {i} (image {inp['image_id']!r}): match_identical_captions needs its 'captions' "

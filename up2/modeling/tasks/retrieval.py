@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from up2.data.mappers import ImageTextDatasetMapper
 from up2.evaluation import RetrievalEvaluator
+from up2.evaluation.retrieval import normalize_caption
 from up2.modeling.target_set import TargetEmbeddings
 from up2.modeling.tasks.base import register_task
 from up2.modeling.tasks.task import Task, TaskFamily, TaskInputs
@@ -52,7 +53,7 @@ def infonce(logits: torch.Tensor, offset: int = 0, same_text: Optional[torch.Ten
 
 def caption_keys(captions: Sequence[str], device=None) -> torch.Tensor:
     """(N,) int64 key per caption, equal for equal texts (compared case- and space-insensitively)."""
-    keys = [zlib.crc32(" ".join(c.lower().split()).encode("utf-8")) for c in captions]
+    keys = [zlib.crc32(normalize_caption(c).encode("utf-8")) for c in captions]
     return to_device(keys, device, torch.int64)
 
 
