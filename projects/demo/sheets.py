@@ -28,6 +28,7 @@ from __future__ import annotations
 import html
 import io
 import os
+import re
 import textwrap
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import quote
@@ -233,8 +234,10 @@ def write_sheets(predictor, dataset_name: str, out_dir: str, num_images: int = 8
         dataset_name: a registered detection dataset (e.g. ``shapes_val``); its metadata's
             ``captions_file`` and ``labels_file`` (set by ``register_shapes``) give the true
             captions and image classes.
-        out_dir: output folder (created); sheets ``sheet_<image_id>.png`` and
-            ``photo_<k>.png`` (k = 1, 2, ... in ``photos`` order), and ``index.html``.
+        out_dir: output folder (created); sheets ``sheet_<file stem>.png`` (``000001.png`` ->
+            ``sheet_000001.png``) and ``photo_<k>.png`` (k = 1, 2, ... in ``photos`` order), and
+            ``index.html``. Sheets of an earlier run in the same folder that this run did not
+            write again are deleted (other files are left alone).
         num_images: the first ``num_images`` images by image id (>= 0; fewer when the dataset
             has fewer).
         threshold: detections with score >= this are drawn, in [0, 1].
@@ -336,7 +339,7 @@ def write_sheets(predictor, dataset_name: str, out_dir: str, num_images: int = 8
                 summary.append(f"retrieval rank {rank}/{len(texts)}")
             elif "retrieve" not in kinds:
                 lines.append(("(this checkpoint has no retrieval task)", "note"))
-            name = f"sheet_{rec['image_id']}.png"
+            name = _sheet_name(path, rec["image_id"], {n for n, _ in sheets})
             title = f"{dataset_name} image {rec['image_id']} ({os.path.basename(path)})"
             if rec["true_class"] is not None:
                 summary.insert(0, f"true class {rec['true_class']}")
@@ -352,5 +355,23 @@ def write_sheets(predictor, dataset_name: str, out_dir: str, num_images: int = 8
             f"{max_detections} best detections with score >= {float(threshold):g} drawn)"]
     done += [what for kind, what in (("classify", "classification"), ("caption", "captioning"),
                                      ("retrieve", "retrieval")) if kind in kinds]
-    return _write_index(out_dir, checkpoint or str(predictor.cfg.MODEL.WEIGHTS) or "(random weights)",
-                        dataset_name, ", ".join(done), sheets, table_rows)
+    index = _write_index(out_dir, checkpoint or str(predictor.cfg.MODEL.WEIGHTS) or "(random weights)",
+                         dataset_name, ", ".join(done), sheets, table_rows)
+    _remove_stale_sheets(out_dir, {n for n, _ in sheets})
+    return index
+
+
+def _sheet_name(path: str, image_id, taken: set) -> str:
+    """``sheet_<file stem>.png`` (``000001.png`` -> ``sheet_000001.png``); the image id is added
+    when two images share a stem."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(path))[0])
+    name = f"sheet_{stem}.png"
+    return name if name not in taken else f"sheet_{stem}_id{image_id}.png"
+
+
+def _remove_stale_sheets(out_dir: str, keep: set) -> None:
+    """Delete the sheets of an earlier run in a reused folder (only ``sheet_*.png`` and
+    ``photo_*.png`` this function's module writes), so index.html and the folder agree."""
+    for name in os.listdir(out_dir):
+        if name not in keep and re.fullmatch(r"(sheet|photo)_[A-Za-z0-9._-]+\.png", name):
+            os.remove(os.path.join(out_dir, name))

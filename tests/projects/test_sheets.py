@@ -9,6 +9,7 @@ import pytest
 import skimage.data
 import torch
 from PIL import Image
+from detectron2.data import DatasetCatalog
 
 from conftest import add_task, tiny_cfg
 from projects.demo.sheets import retrieval_rank, upscale_instances, write_sheets
@@ -70,7 +71,8 @@ def test_sheets_and_index(predictor, tmp_path):
     index = write_sheets(predictor, "test_shapes_val", str(out), num_images=2, threshold=0.0, photos=[str(photo)],
                          table_rows=rows, checkpoint="ckpt <v1> & co", max_detections=3)
     assert index == str(out / "index.html")
-    names = ["sheet_1.png", "sheet_2.png", "photo_1.png"]
+    stems = [os.path.splitext(d["file_name"])[0].rsplit(os.sep, 1)[-1] for d in DatasetCatalog.get("test_shapes_val")[:2]]
+    names = [f"sheet_{stem}.png" for stem in stems] + ["photo_1.png"]
     assert sorted(os.listdir(out)) == sorted(names + ["index.html"])  # no temp files left behind
     for name in names:
         with Image.open(out / name) as im:
@@ -92,6 +94,20 @@ def test_sheets_and_index(predictor, tmp_path):
     assert all("true class" in c and "retrieval rank" in c and 'caption "' in c for c in val), val
     assert all("3 detections drawn" in c for c in links.captions)  # threshold 0: the 3 best of each image
     assert "learned only synthetic shapes" in photo_caption and "true class" not in photo_caption
+
+
+def test_a_reused_folder_keeps_only_this_runs_sheets(predictor, tmp_path):
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(photo)
+    out = tmp_path / "sheets"
+    write_sheets(predictor, "test_shapes_val", str(out), num_images=2, threshold=0.0, photos=[str(photo)])
+    assert len([n for n in os.listdir(out) if n.endswith(".png")]) == 3
+    (out / "notes.txt").write_text("mine")
+    write_sheets(predictor, "test_shapes_val", str(out), num_images=1, threshold=0.0)
+    links = _Links()
+    links.feed((out / "index.html").read_text(encoding="utf-8"))
+    assert len(links.srcs) == 1
+    assert sorted(os.listdir(out)) == sorted(links.srcs + ["index.html", "notes.txt"])
 
 
 def _umask():
