@@ -150,22 +150,68 @@ def train_and_evaluate(cfg) -> dict:
     return out
 
 
-def load_joint_run(folder: str, iters: int) -> dict:
+# the settings a reused joint run must share with the joint config it stands for
+_SOLVER_KEYS = ("MAX_ITER", "BASE_LR", "OPTIMIZER", "STEPS")
+_TASK_KEYS = ("TYPE", "SAMPLING_RATIO", "GRAD_WEIGHT", "LOSS_WEIGHT", "IMS_PER_BATCH", "IMAGE_SIZE")
+
+
+def _check_same_recipe(folder: str, run_cfg: dict, joint) -> None:
+    """ValueError naming the first setting (``_SOLVER_KEYS``, the task names, ``_TASK_KEYS``) in
+    which the run's config.yaml differs from ``joint`` (a CfgNode)."""
+    def differ(key, theirs, ours):
+        raise ValueError(f"--joint-from {folder}: its config.yaml has {key} = {theirs!r}, the joint config "
+                         f"{ours!r}; reuse a run of the same recipe (or train the joint run)")
+
+    solver = run_cfg.get("SOLVER") or {}
+    for key in _SOLVER_KEYS:
+        theirs, ours = solver.get(key), joint.SOLVER.get(key)
+        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
+                (list(ours) if isinstance(ours, (list, tuple)) else ours):
+            differ(f"SOLVER.{key}", theirs, ours)
+    tasks = run_cfg.get("TASKS") or {}
+    if sorted(tasks) != sorted(joint.TASKS):
+        differ("the TASKS", sorted(tasks), sorted(joint.TASKS))
+    for name, spec in joint.TASKS.items():
+        for key in _TASK_KEYS:
+            if tasks[name].get(key) != spec.get(key):
+                differ(f"TASKS.{name}.{key}", tasks[name].get(key), spec.get(key))
+
+
+def load_joint_run(folder: str, iters: int, joint=None) -> dict:
     """A finished joint training of the same config (e.g. ``make demo``'s output folder), as
     :func:`train_and_evaluate` returns it: results from ``eval_table.json`` (written by
     ``train_net.py`` after the final evaluation), task counts from detectron2's ``metrics.json``;
     training seconds are not known (None).
 
+    Args:
+        joint: the joint config (CfgNode) the run stands for; when given, the run's
+            ``config.yaml`` must agree with it in the solver schedule and every task's sampling
+            ratio, weights, batch and image size.
+
     Raises:
-        FileNotFoundError: ``folder`` lacks eval_table.json or metrics.json (names the file).
-        ValueError: the run did not train ``iters`` iterations.
+        FileNotFoundError: ``folder`` lacks eval_table.json, metrics.json or (with ``joint``)
+            config.yaml (names the file).
+        ValueError: the run did not train ``iters`` iterations; a setting differs from ``joint``
+            (names it); a file that is not what train_net.py writes.
     """
     import json
 
-    paths = [os.path.join(folder, name) for name in ("eval_table.json", "metrics.json")]
+    import yaml
+
+    names = ("eval_table.json", "metrics.json") + (("config.yaml",) if joint is not None else ())
+    paths = [os.path.join(folder, name) for name in names]
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--joint-from: {path} does not exist; expected a finished train_net.py run")
+    if joint is not None:
+        with open(paths[2], encoding="utf-8") as f:
+            try:
+                run_cfg = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"--joint-from: {paths[2]} is not readable YAML ({e})") from None
+        if not isinstance(run_cfg, dict):
+            raise ValueError(f"--joint-from: {paths[2]} is not a train_net.py config (no mapping at the top)")
+        _check_same_recipe(folder, run_cfg, joint)
     with open(paths[0], encoding="utf-8") as f:
         rows = json.load(f)["rows"]
     results: dict = {}
@@ -278,6 +324,12 @@ def main(argv=None):
         parser.error(str(e))
     tasks = list(configs[args.seeds[0]][0].TASKS)
     planned = single_task_iters(configs[args.seeds[0]][0])
+    joint_from = None
+    if args.joint_from:  # checked before any data preparation or training
+        try:
+            joint_from = load_joint_run(args.joint_from, args.iters, configs[args.seeds[0]][0])
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
 
     prepare_shapes()
     from detectron2.utils.logger import setup_logger
@@ -291,7 +343,7 @@ def main(argv=None):
         joint, singles = configs[seed]
         runs[seed] = {"single": {}}
         if args.joint_from:
-            runs[seed]["joint"] = load_joint_run(args.joint_from, args.iters)
+            runs[seed]["joint"] = joint_from
         elif args.only in ("joint", "both"):
             runs[seed]["joint"] = train_and_evaluate(joint)
             log.append({"seed": seed, "run": "joint", **runs[seed]["joint"]})

@@ -153,3 +153,48 @@ def test_joint_run_read_from_a_finished_training_folder(tmp_path):
     (tmp_path / "metrics.json").unlink()
     with pytest.raises(FileNotFoundError, match="metrics.json"):
         jvs.load_joint_run(str(tmp_path), 20)
+
+
+def _finished_run(folder, cfg, iters):
+    """The files train_net.py leaves: config.yaml, eval_table.json, metrics.json (one task count)."""
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(cfg.dump())
+    (folder / "eval_table.json").write_text(json.dumps({"rows": []}))
+    name = next(iter(cfg.TASKS))
+    (folder / "metrics.json").write_text(json.dumps({"iteration": iters - 1, f"task_count/{name}": 3}) + "\n")
+
+
+def test_a_reused_joint_run_must_be_of_the_same_recipe(tmp_path):
+    joint = jvs.joint_config(jvs.CONFIG, 40, str(tmp_path / "joint"), seed=0)
+    _finished_run(tmp_path / "same", joint, 40)
+    assert jvs.load_joint_run(str(tmp_path / "same"), 40, joint)["iters"] == 40
+
+    name = next(iter(joint.TASKS))
+    other = joint.clone()
+    other.TASKS[name].GRAD_WEIGHT = float(joint.TASKS[name].GRAD_WEIGHT) + 1.0
+    _finished_run(tmp_path / "other", other, 40)
+    with pytest.raises(ValueError, match=f"TASKS.{name}.GRAD_WEIGHT"):
+        jvs.load_joint_run(str(tmp_path / "other"), 40, joint)
+    fewer = joint.clone()
+    del fewer.TASKS[name]
+    _finished_run(tmp_path / "fewer", fewer, 40)
+    with pytest.raises(ValueError, match="the TASKS"):
+        jvs.load_joint_run(str(tmp_path / "fewer"), 40, joint)
+    (tmp_path / "same" / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        jvs.load_joint_run(str(tmp_path / "same"), 40, joint)
+
+
+def test_a_bad_joint_run_is_refused_before_any_data_or_training(tmp_path, monkeypatch, capsys):
+    def fail():
+        raise AssertionError("prepare_shapes ran before --joint-from was checked")
+
+    monkeypatch.setattr(jvs, "prepare_shapes", fail)
+    joint = jvs.joint_config(jvs.CONFIG, 40, str(tmp_path / "joint"), seed=0)
+    _finished_run(tmp_path / "short", joint, 30)  # trained 30 iterations, not 40
+    with pytest.raises(SystemExit) as exit_info:
+        jvs.main(["--iters", "40", "--seed", "0", "--only", "single", "--joint-from", str(tmp_path / "short"),
+                  "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "trained 30 iterations, not --iters 40" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
