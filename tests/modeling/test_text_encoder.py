@@ -153,6 +153,31 @@ def test_max_length_and_freeze(tiny_roberta_dir):
         TextEncoder(_cfg(tiny_roberta_dir, max_length=99))
 
 
+def test_frozen_lower_layers_get_no_gradient_and_the_upper_ones_do(tiny_roberta_dir):
+    cfg = _cfg(tiny_roberta_dir)
+    cfg.MODEL.TEXT_ENCODER.FROZEN_LAYERS = 1  # of the 2 layers
+    torch.manual_seed(0)
+    enc = TextEncoder(cfg).train()
+    frozen = [enc.model.embeddings, enc.model.encoder.layer[0]]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+    assert not any(m.training for m in frozen) and enc.model.encoder.layer[1].training  # no dropout below
+    feats, _ = enc.encode(["a dog", "two cats sleeping"])
+    random_projection(feats).backward()
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    for name, p in enc.model.encoder.layer[1].named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the frozen part computes as before: same features as the fully tuned encoder in eval mode
+    torch.manual_seed(0)
+    tuned = TextEncoder(_cfg(tiny_roberta_dir)).eval()
+    enc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode(["a dog"])[0], tuned.encode(["a dog"])[0], rtol=1e-5, atol=1e-6)
+    for bad in (3, -1):
+        cfg.MODEL.TEXT_ENCODER.FROZEN_LAYERS = bad
+        with pytest.raises(ValueError, match="FROZEN_LAYERS"):
+            TextEncoder(cfg)
+
+
 def test_missing_model_names_where_it_looked(tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(FileNotFoundError, match="no_such_model") as e:

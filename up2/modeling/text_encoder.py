@@ -233,14 +233,21 @@ class TextEncoder(nn.Module):
             reports no limit.
         freeze: no gradient to the language model (the projection stays trainable) and the
             language model stays in eval mode (no dropout).
+        frozen_layers: N >= 0: no gradient to the token embeddings and the first N Transformer
+            layers of the language model, which stay in eval mode; the layers above are tuned
+            (0: all tuned; with ``freeze`` everything is frozen anyway). Not in the paper, which
+            tunes all of f_text: a compute setting for small budgets (backward and optimizer
+            step skip the frozen part).
 
     Raises:
         ValueError: ``embed_dim`` < 1, ``max_length`` < 0, 1, or longer than the model's
-            position table.
+            position table; ``frozen_layers`` < 0, above the model's layer count, or > 0 for a
+            model without BERT-style ``embeddings`` and ``encoder.layer``.
     """
 
     @configurable
-    def __init__(self, *, model: nn.Module, tokenizer: Any, embed_dim: int, max_length: int = 0, freeze: bool = False):
+    def __init__(self, *, model: nn.Module, tokenizer: Any, embed_dim: int, max_length: int = 0, freeze: bool = False,
+                 frozen_layers: int = 0):
         super().__init__()
         if embed_dim < 1:
             raise ValueError(f"TextEncoder: embed_dim must be >= 1, got {embed_dim}")
@@ -251,9 +258,12 @@ class TextEncoder(nn.Module):
         self.position_limit = self._position_limit(model.config)
         self.max_length = self._resolve_max_length(max_length)
         self.freeze = bool(freeze)
+        self._frozen_parts = self._lower_parts(model, frozen_layers)
+        for part in self._frozen_parts:
+            part.requires_grad_(False)
         if self.freeze:
             self.model.requires_grad_(False)
-            self.model.eval()
+        self.train(self.training)
         self._special = special_token_ids(tokenizer)
 
     @classmethod
@@ -269,7 +279,25 @@ class TextEncoder(nn.Module):
             "embed_dim": embed_dim if embed_dim is not None else cfg.MODEL.UNIFIED_DECODER.EMBED_DIM,
             "max_length": cfg.MODEL.TEXT_ENCODER.MAX_LENGTH,
             "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
+            "frozen_layers": cfg.MODEL.TEXT_ENCODER.FROZEN_LAYERS,
         }
+
+    @staticmethod
+    def _lower_parts(model: nn.Module, n: int) -> List[nn.Module]:
+        """[token embeddings, layer 0, ..., layer n-1] of a BERT-style model ([] for n = 0)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"TextEncoder: MODEL.TEXT_ENCODER.FROZEN_LAYERS must be an int >= 0, got {n!r}")
+        if n == 0:
+            return []
+        embeddings = getattr(model, "embeddings", None)
+        layers = getattr(getattr(model, "encoder", None), "layer", None)
+        if not isinstance(embeddings, nn.Module) or not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"TextEncoder: MODEL.TEXT_ENCODER.FROZEN_LAYERS={n} needs a BERT-style model "
+                             f"(.embeddings and .encoder.layer); {type(model).__name__} has not")
+        if n > len(layers):
+            raise ValueError(f"TextEncoder: MODEL.TEXT_ENCODER.FROZEN_LAYERS={n} exceeds the model's "
+                             f"{len(layers)} layers")
+        return [embeddings, *layers[:n]]
 
     @staticmethod
     def _position_limit(config) -> Optional[int]:
@@ -305,10 +333,13 @@ class TextEncoder(nn.Module):
         return self._special
 
     def train(self, mode: bool = True) -> "TextEncoder":
-        """As ``nn.Module.train``, except that a frozen language model stays in eval mode."""
+        """As ``nn.Module.train``, except that the frozen language model (or its frozen lower
+        part, ``frozen_layers``) stays in eval mode."""
         super().train(mode)
         if self.freeze:
             self.model.eval()
+        for part in self._frozen_parts:
+            part.eval()
         return self
 
     def tokenize(self, texts: Sequence[str]):
