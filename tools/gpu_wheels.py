@@ -192,6 +192,19 @@ def travel_size(carry=(".whl",), repo: str = REPO) -> dict:
     return sizes
 
 
+def missing_wheels(wheel_dir: str = WHEEL_DIR) -> list:
+    """One message per package of PACKAGES without a wheel in ``wheel_dir`` (``--check``: the
+    size of an empty or partial folder says nothing about what the GPU machine can install)."""
+    have = set()
+    if os.path.isdir(wheel_dir):
+        for f in os.listdir(wheel_dir):
+            parsed = parse_wheel_name(f)
+            if parsed is not None:
+                have.add(normalise(parsed[0]))
+    return [f"{name}: no wheel in {wheel_dir} (run tools/gpu_wheels.py without --check to collect it)"
+            for name in PACKAGES if normalise(name) not in have]
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -229,6 +242,8 @@ def main(argv=None) -> int:
                 print(f"  pip --dry-run: the {len(kept)} wheels install for CPython {TARGET_PYTHON} manylinux x86_64")
             except RuntimeError as e:
                 failed.append(str(e))
+    else:
+        failed += missing_wheels()
     sizes = travel_size((".whl", *args.carry))
     parts = ", ".join(f"{k} {_mib(v)}" for k, v in sizes.items() if k != "total")
     over = sizes["total"] > LIMIT_BYTES

@@ -187,6 +187,18 @@ def test_sync_section_counts_and_ranks_call_sites(monkeypatch, capsys):
     assert "tests/projects/test_gpu_check.py" in out  # the innermost repo frame of the stand-in's stack
 
 
+def test_the_check_names_the_packages_without_a_wheel(tmp_path):
+    names = list(gpu_wheels.PACKAGES)
+    missing = gpu_wheels.missing_wheels(str(tmp_path / "none"))
+    assert len(missing) == len(names) and all(n in m for n, m in zip(names, missing))
+    (tmp_path / ".whl").mkdir()
+    for name in names[1:]:
+        (tmp_path / ".whl" / f"{gpu_wheels.normalise(name)}-1.0-py3-none-any.whl").write_bytes(b"w")
+    (tmp_path / ".whl" / "README.md").write_text("not a wheel")
+    assert gpu_wheels.missing_wheels(str(tmp_path / ".whl")) == [
+        f"{names[0]}: no wheel in {tmp_path / '.whl'} (run tools/gpu_wheels.py without --check to collect it)"]
+
+
 def test_wheel_names_and_what_travels(tmp_path):
     assert gpu_wheels.parse_wheel_name("antlr4_python3_runtime-4.9.3-py3-none-any.whl") == (
         "antlr4_python3_runtime", "4.9.3", "py3", "none", "any")
