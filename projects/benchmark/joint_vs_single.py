@@ -151,13 +151,14 @@ def train_and_evaluate(cfg) -> dict:
 
 
 # the settings a reused joint run must share with the joint config it stands for
-_SOLVER_KEYS = ("MAX_ITER", "BASE_LR", "OPTIMIZER", "STEPS")
+_SOLVER_KEYS = ("MAX_ITER", "BASE_LR", "OPTIMIZER", "STEPS", "TEXT_ENCODER_MULTIPLIER")
+_MODEL_KEYS = (("UNIFIED_DECODER", "INIT_TEMPERATURE"), ("TEXT_ENCODER", "FREEZE"), ("TEXT_ENCODER", "FROZEN_LAYERS"))
 _TASK_KEYS = ("TYPE", "SAMPLING_RATIO", "GRAD_WEIGHT", "LOSS_WEIGHT", "IMS_PER_BATCH", "IMAGE_SIZE")
 
 
 def _check_same_recipe(folder: str, run_cfg: dict, joint) -> None:
-    """ValueError naming the first setting (``_SOLVER_KEYS``, the task names, ``_TASK_KEYS``) in
-    which the run's config.yaml differs from ``joint`` (a CfgNode)."""
+    """ValueError naming the first setting (``_SOLVER_KEYS``, ``_MODEL_KEYS``, the task names,
+    ``_TASK_KEYS``) in which the run's config.yaml differs from ``joint`` (a CfgNode)."""
     def differ(key, theirs, ours):
         raise ValueError(f"--joint-from {folder}: its config.yaml has {key} = {theirs!r}, the joint config "
                          f"{ours!r}; reuse a run of the same recipe (or train the joint run)")
@@ -168,6 +169,11 @@ def _check_same_recipe(folder: str, run_cfg: dict, joint) -> None:
         if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
                 (list(ours) if isinstance(ours, (list, tuple)) else ours):
             differ(f"SOLVER.{key}", theirs, ours)
+    model = run_cfg.get("MODEL") or {}
+    for part, key in _MODEL_KEYS:
+        theirs, ours = (model.get(part) or {}).get(key), joint.MODEL[part].get(key)
+        if theirs != ours:
+            differ(f"MODEL.{part}.{key}", theirs, ours)
     tasks = run_cfg.get("TASKS") or {}
     if sorted(tasks) != sorted(joint.TASKS):
         differ("the TASKS", sorted(tasks), sorted(joint.TASKS))

@@ -175,6 +175,11 @@ def test_a_reused_joint_run_must_be_of_the_same_recipe(tmp_path):
     _finished_run(tmp_path / "other", other, 40)
     with pytest.raises(ValueError, match=f"TASKS.{name}.GRAD_WEIGHT"):
         jvs.load_joint_run(str(tmp_path / "other"), 40, joint)
+    sharper = joint.clone()
+    sharper.MODEL.UNIFIED_DECODER.INIT_TEMPERATURE = 0.5 * joint.MODEL.UNIFIED_DECODER.INIT_TEMPERATURE
+    _finished_run(tmp_path / "sharper", sharper, 40)
+    with pytest.raises(ValueError, match="MODEL.UNIFIED_DECODER.INIT_TEMPERATURE"):
+        jvs.load_joint_run(str(tmp_path / "sharper"), 40, joint)
     fewer = joint.clone()
     del fewer.TASKS[name]
     _finished_run(tmp_path / "fewer", fewer, 40)
