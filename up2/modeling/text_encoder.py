@@ -263,7 +263,9 @@ class TextEncoder(nn.Module):
             part.requires_grad_(False)
         if self.freeze:
             self.model.requires_grad_(False)
-        self.train(self.training)
+            self.model.eval()
+        for part in self._frozen_parts:
+            part.eval()
         self._special = special_token_ids(tokenizer)
 
     @classmethod
