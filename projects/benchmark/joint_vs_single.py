@@ -166,8 +166,7 @@ def _check_same_recipe(folder: str, run_cfg: dict, joint) -> None:
     solver = run_cfg.get("SOLVER") or {}
     for key in _SOLVER_KEYS:
         theirs, ours = solver.get(key), joint.SOLVER.get(key)
-        if (list(theirs) if isinstance(theirs, (list, tuple)) else theirs) != \
-                (list(ours) if isinstance(ours, (list, tuple)) else ours):
+        if theirs != (list(ours) if isinstance(ours, tuple) else ours):  # YAML has lists, CfgNode tuples
             differ(f"SOLVER.{key}", theirs, ours)
     model = run_cfg.get("MODEL") or {}
     for part, key in _MODEL_KEYS:
@@ -191,8 +190,9 @@ def load_joint_run(folder: str, iters: int, joint=None) -> dict:
 
     Args:
         joint: the joint config (CfgNode) the run stands for; when given, the run's
-            ``config.yaml`` must agree with it in the solver schedule and every task's sampling
-            ratio, weights, batch and image size.
+            ``config.yaml`` must agree with it in the solver schedule and learning rates, tau,
+            the text encoder's freezing, and every task's sampling ratio, weights, batch and
+            image size.
 
     Raises:
         FileNotFoundError: ``folder`` lacks eval_table.json, metrics.json or (with ``joint``)

@@ -370,8 +370,8 @@ def _sheet_name(path: str, image_id, taken: set) -> str:
 
 
 def _remove_stale_sheets(out_dir: str, keep: set) -> None:
-    """Delete the sheets of an earlier run in a reused folder (only ``sheet_*.png`` and
-    ``photo_*.png`` this function's module writes), so index.html and the folder agree."""
+    """Delete the sheets of an earlier run in a reused folder (only the ``sheet_*.png`` and
+    ``photo_*.png`` names that write_sheets gives), so index.html and the folder agree."""
     for name in os.listdir(out_dir):
         if name not in keep and re.fullmatch(r"(sheet|photo)_[A-Za-z0-9._-]+\.png", name):
             os.remove(os.path.join(out_dir, name))
