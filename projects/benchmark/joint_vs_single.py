@@ -168,10 +168,16 @@ def _check_same_recipe(folder: str, run_cfg: dict, joint) -> None:
         theirs, ours = solver.get(key), joint.SOLVER.get(key)
         if theirs != (list(ours) if isinstance(ours, tuple) else ours):  # YAML has lists, CfgNode tuples
             differ(f"SOLVER.{key}", theirs, ours)
+    from detectron2.config import get_cfg
+
+    from up2.config import add_up2_config
+
+    defaults = get_cfg()
+    add_up2_config(defaults)
     model = run_cfg.get("MODEL") or {}
     for part, key in _MODEL_KEYS:
-        theirs, ours = (model.get(part) or {}).get(key), joint.MODEL[part].get(key)
-        if theirs != ours:
+        theirs, ours = (model.get(part) or {}).get(key, defaults.MODEL[part][key]), joint.MODEL[part].get(key)
+        if theirs != ours:  # a key newer than the run counts with its default
             differ(f"MODEL.{part}.{key}", theirs, ours)
     tasks = run_cfg.get("TASKS") or {}
     if sorted(tasks) != sorted(joint.TASKS):

@@ -169,6 +169,11 @@ def test_a_reused_joint_run_must_be_of_the_same_recipe(tmp_path):
     _finished_run(tmp_path / "same", joint, 40)
     assert jvs.load_joint_run(str(tmp_path / "same"), 40, joint)["iters"] == 40
 
+    older = joint.clone()  # written before MODEL.TEXT_ENCODER.FROZEN_LAYERS existed: its default applies
+    del older.MODEL.TEXT_ENCODER["FROZEN_LAYERS"]
+    _finished_run(tmp_path / "older", older, 40)
+    assert jvs.load_joint_run(str(tmp_path / "older"), 40, joint)["iters"] == 40
+
     name = next(iter(joint.TASKS))
     other = joint.clone()
     other.TASKS[name].GRAD_WEIGHT = float(joint.TASKS[name].GRAD_WEIGHT) + 1.0
