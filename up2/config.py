@@ -106,6 +106,9 @@ def add_up2_config(cfg: CN) -> None:
     G.FFN_DIM = 3072
     G.DROPOUT = 0.1  # BERT-base
     G.INIT_TEMPERATURE = 0.07  # tau at initialisation (learnable, clamped to >= 0.01)
+    # Whether g's input LayerNorm also normalises [SPE] (UnifiedDecoder). True here so that the config.yaml of a
+    # checkpoint written before this key existed builds the model it was trained as; Base-UP2.yaml sets False.
+    G.SPE_INPUT_NORM = True
     G.MOE = CN()
     # Conditional MoE (Uni-Perceiver-MoE) in every FFN of g (paper §5.2); False = dense FFN. Each linear layer of
     # the FFN holds E experts; a gate on the token's attributes (never its content) picks k and merges their weights.

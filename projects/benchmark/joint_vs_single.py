@@ -152,7 +152,8 @@ def train_and_evaluate(cfg) -> dict:
 
 # the settings a reused joint run must share with the joint config it stands for
 _SOLVER_KEYS = ("MAX_ITER", "BASE_LR", "OPTIMIZER", "STEPS", "TEXT_ENCODER_MULTIPLIER")
-_MODEL_KEYS = (("UNIFIED_DECODER", "INIT_TEMPERATURE"), ("TEXT_ENCODER", "FREEZE"), ("TEXT_ENCODER", "FROZEN_LAYERS"))
+_MODEL_KEYS = (("UNIFIED_DECODER", "INIT_TEMPERATURE"), ("UNIFIED_DECODER", "SPE_INPUT_NORM"), ("TEXT_ENCODER", "FREEZE"),
+               ("TEXT_ENCODER", "FROZEN_LAYERS"))
 _TASK_KEYS = ("TYPE", "SAMPLING_RATIO", "GRAD_WEIGHT", "LOSS_WEIGHT", "IMS_PER_BATCH", "IMAGE_SIZE")
 
 
@@ -197,7 +198,7 @@ def load_joint_run(folder: str, iters: int, joint=None) -> dict:
     Args:
         joint: the joint config (CfgNode) the run stands for; when given, the run's
             ``config.yaml`` must agree with it in the solver schedule and learning rates, tau,
-            the text encoder's freezing, and every task's sampling ratio, weights, batch and
+            g's ``SPE_INPUT_NORM``, the text encoder's freezing, and every task's sampling ratio, weights, batch and
             image size.
 
     Raises:

@@ -73,6 +73,65 @@ def test_spe_is_prepended_and_gradients_flow():
     assert_grad_norm(dec.spe.grad, 1.0, "spe")
 
 
+def _mean_offdiagonal_cosine(x: torch.Tensor) -> float:
+    x = torch.nn.functional.normalize(x, dim=-1)
+    c = x @ x.T
+    n = c.shape[0]
+    return float((c.sum() - c.diagonal().sum()) / (n * n - n))
+
+
+def test_spe_output_follows_the_content_at_initialisation():
+    """Sequences sharing a large common component (as a from-scratch backbone's image tokens do,
+    mean pairwise cosine about 0.9): with [SPE] outside the input LayerNorm the [SPE] outputs at
+    initialisation keep several times more of the sequences' differences than when [SPE] is
+    normalised to unit scale like the content (which then outweighs the attention's average)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, d = 16, 25, 64
+    tokens = 3.0 * torch.randn(1, T, d, generator=g) + torch.randn(B, T, d, generator=g)
+    batch = TokenBatch(tokens=tokens, padding_mask=torch.zeros(B, T, dtype=torch.bool))
+    content = _mean_offdiagonal_cosine(tokens.mean(1))
+    spread = {}
+    for norm in (False, True):
+        torch.manual_seed(0)  # the same weights for both
+        dec = UnifiedDecoder(embed_dim=d, num_layers=2, num_heads=4, ffn_dim=128, dropout=0.0,
+                             spe_input_norm=norm).eval()
+        with torch.no_grad():
+            spread[norm] = 1.0 - _mean_offdiagonal_cosine(dec(batch, read=("spe",)).spe)
+    assert 0.85 < content < 0.98
+    assert spread[True] < 0.02  # nearly one vector for every sequence
+    assert spread[False] > 3 * spread[True], spread
+
+
+@pytest.mark.parametrize("spe_input_norm", [False, True])
+def test_incremental_decoding_matches_forward_with_either_spe_input(spe_input_norm):
+    torch.manual_seed(0)
+    dec = UnifiedDecoder(embed_dim=16, num_layers=2, num_heads=2, ffn_dim=32, dropout=0.0,
+                         spe_input_norm=spe_input_norm).eval()
+    prefix, text, _, full = _prefix_and_text()
+    full.attributes = prefix.attributes = None
+    expected = dec(full).features[:, 1 + prefix.tokens.shape[1]:]
+    out, _ = dec.extend(dec.prefill(prefix), text)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_spe_input_norm_config_defaults():
+    """Configs built on Base-UP2.yaml leave [SPE] out of the input LayerNorm; a config.yaml
+    written before the key existed (no SPE_INPUT_NORM) builds the model it was trained as."""
+    import os
+
+    from detectron2.config import get_cfg
+
+    from up2 import add_up2_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = get_cfg()
+    add_up2_config(cfg)
+    assert cfg.MODEL.UNIFIED_DECODER.SPE_INPUT_NORM is True
+    cfg.merge_from_file(os.path.join(repo, "configs", "tiny", "joint_shapes.yaml"))
+    assert cfg.MODEL.UNIFIED_DECODER.SPE_INPUT_NORM is False
+    assert UnifiedDecoder(cfg).spe_input_norm is False
+
+
 def _moe_decoder(d=16):
     from functools import partial
 

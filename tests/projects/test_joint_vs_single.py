@@ -185,6 +185,11 @@ def test_a_reused_joint_run_must_be_of_the_same_recipe(tmp_path):
     _finished_run(tmp_path / "sharper", sharper, 40)
     with pytest.raises(ValueError, match="MODEL.UNIFIED_DECODER.INIT_TEMPERATURE"):
         jvs.load_joint_run(str(tmp_path / "sharper"), 40, joint)
+    before_spe = joint.clone()  # written before SPE_INPUT_NORM existed: trained with [SPE] normalised (its default)
+    del before_spe.MODEL.UNIFIED_DECODER["SPE_INPUT_NORM"]
+    _finished_run(tmp_path / "before_spe", before_spe, 40)
+    with pytest.raises(ValueError, match="MODEL.UNIFIED_DECODER.SPE_INPUT_NORM = True"):
+        jvs.load_joint_run(str(tmp_path / "before_spe"), 40, joint)
     fewer = joint.clone()
     del fewer.TASKS[name]
     _finished_run(tmp_path / "fewer", fewer, 40)

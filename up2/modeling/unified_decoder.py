@@ -157,11 +157,18 @@ class UnifiedDecoder(nn.Module):
 
     ``forward`` prepends ``[SPE]`` and returns un-normalised features; the likelihood
     (``up2.modeling.likelihood``) L2-normalises them.
+
+    ``[SPE]`` enters the first layer at its learned scale (initialised small), not through the
+    input LayerNorm that brings every content token to unit scale, as a ViT's class token does
+    (``spe_input_norm=False``). In the post-LN layers a unit-scale constant ``[SPE]`` outweighs
+    the attention's average of the content, so at initialisation g's output at ``[SPE]`` hardly
+    depends on the sequence: class names and images then start on nearly one vector, and a
+    contrastive likelihood (Eq. 7) can settle there, every logit equal, without learning.
     """
 
     @configurable
     def __init__(self, *, embed_dim: int, num_layers: int, num_heads: int, ffn_dim: int, dropout: float,
-                 ffn_factory: Optional[Callable[[], nn.Module]] = None):
+                 ffn_factory: Optional[Callable[[], nn.Module]] = None, spe_input_norm: bool = False):
         """
         Args:
             embed_dim: d. num_layers: Transformer layers (paper: 6). num_heads: attention heads.
@@ -169,9 +176,12 @@ class UnifiedDecoder(nn.Module):
             ffn_factory: None for dense FFNs; else called once per layer to build its FFN, e.g.
                 ``partial(ConditionalMoE, ...)`` (paper §5.2: Conditional MoE in every FFN). Such
                 FFNs need ``TokenBatch.attributes``.
+            spe_input_norm: whether the input LayerNorm normalises ``[SPE]`` too (True: as
+                checkpoints written before this option did; see the class docstring).
         """
         super().__init__()
         self.embed_dim = embed_dim
+        self.spe_input_norm = spe_input_norm
         self.spe = nn.Parameter(torch.zeros(1, 1, embed_dim))
         nn.init.normal_(self.spe, std=0.02)
         self.input_norm = nn.LayerNorm(embed_dim)
@@ -190,6 +200,7 @@ class UnifiedDecoder(nn.Module):
             "ffn_dim": g.FFN_DIM,
             "dropout": g.DROPOUT,
             "ffn_factory": _moe_factory(g),
+            "spe_input_norm": g.SPE_INPUT_NORM,
         }
 
     def no_weight_decay(self) -> Set[str]:
@@ -218,6 +229,13 @@ class UnifiedDecoder(nn.Module):
             has_padding=batch.has_padding,  # [SPE] is never padding
         )
 
+    def _input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first layer's input (B, T+1, d) from ``[SPE] ++ tokens`` (B, T+1, d): the input
+        LayerNorm over the content tokens, and over ``[SPE]`` only when ``spe_input_norm``."""
+        if self.spe_input_norm:
+            return self.input_norm(tokens)
+        return torch.cat([tokens[:, :1], self.input_norm(tokens[:, 1:])], dim=1)
+
     def forward(self, batch: TokenBatch, read: Optional[Sequence[str]] = None) -> "DecoderOutput":
         """Encode a token batch (paper §4.3, Eq. 6).
 
@@ -238,7 +256,7 @@ class UnifiedDecoder(nn.Module):
             raise ValueError(f"token width {batch.tokens.shape[-1]} != unified decoder width {self.embed_dim}")
         batch = self.with_spe(batch)
         span = segment_span(batch.segments, read, batch.tokens.shape[1])
-        x = self.input_dropout(self.input_norm(batch.tokens))
+        x = self.input_dropout(self._input(batch.tokens))
         mask = build_attention_mask(batch)
         aux = []
         for layer in self.layers:
@@ -283,7 +301,7 @@ class UnifiedDecoder(nn.Module):
                              "batch (append causal tokens with extend instead)")
         batch = self.with_spe(batch)
         mask = build_attention_mask(batch)
-        x = self.input_norm(batch.tokens)
+        x = self._input(batch.tokens)
         layers = []
         for i, layer in enumerate(self.layers):
             x, kv = layer.forward_cached(x, None, mask, batch.attributes, need_output=i < len(self.layers) - 1)
