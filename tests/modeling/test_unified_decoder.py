@@ -114,7 +114,7 @@ def test_incremental_decoding_matches_forward_with_either_spe_input(spe_input_no
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
-def test_spe_input_norm_config_defaults():
+def test_spe_input_norm_config_defaults(tmp_path):
     """Configs built on Base-UP2.yaml leave [SPE] out of the input LayerNorm; a config.yaml
     written before the key existed (no SPE_INPUT_NORM) builds the model it was trained as."""
     import os
@@ -130,6 +130,15 @@ def test_spe_input_norm_config_defaults():
     cfg.merge_from_file(os.path.join(repo, "configs", "tiny", "joint_shapes.yaml"))
     assert cfg.MODEL.UNIFIED_DECODER.SPE_INPUT_NORM is False
     assert UnifiedDecoder(cfg).spe_input_norm is False
+
+    older = cfg.clone()  # a config.yaml dumped before the key existed
+    del older.MODEL.UNIFIED_DECODER["SPE_INPUT_NORM"]
+    path = tmp_path / "config.yaml"
+    path.write_text(older.dump())
+    reloaded = get_cfg()
+    add_up2_config(reloaded)
+    reloaded.merge_from_file(str(path))
+    assert UnifiedDecoder(reloaded).spe_input_norm is True
 
 
 def _moe_decoder(d=16):

@@ -200,7 +200,7 @@ class UnifiedDecoder(nn.Module):
             "ffn_dim": g.FFN_DIM,
             "dropout": g.DROPOUT,
             "ffn_factory": _moe_factory(g),
-            "spe_input_norm": g.SPE_INPUT_NORM,
+            "spe_input_norm": g.get("SPE_INPUT_NORM", True),  # a config without the key: as it was trained
         }
 
     def no_weight_decay(self) -> Set[str]:
