@@ -198,8 +198,8 @@ def load_joint_run(folder: str, iters: int, joint=None) -> dict:
     Args:
         joint: the joint config (CfgNode) the run stands for; when given, the run's
             ``config.yaml`` must agree with it in the solver schedule and learning rates, tau,
-            g's ``SPE_INPUT_NORM``, the text encoder's freezing, and every task's sampling ratio, weights, batch and
-            image size.
+            g's ``SPE_INPUT_NORM``, the text encoder's freezing, and every task's sampling
+            ratio, weights, batch and image size.
 
     Raises:
         FileNotFoundError: ``folder`` lacks eval_table.json, metrics.json or (with ``joint``)

@@ -160,7 +160,8 @@ class UnifiedDecoder(nn.Module):
 
     ``[SPE]`` enters the first layer at its learned scale (initialised small), not through the
     input LayerNorm that brings every content token to unit scale, as a ViT's class token does
-    (``spe_input_norm=False``). In the post-LN layers a unit-scale constant ``[SPE]`` outweighs
+    (``spe_input_norm=False``; ``MODEL.UNIFIED_DECODER.SPE_INPUT_NORM``; the paper, §4.3, does
+    not say). In the post-LN layers a unit-scale constant ``[SPE]`` outweighs
     the attention's average of the content, so at initialisation g's output at ``[SPE]`` hardly
     depends on the sequence: class names and images then start on nearly one vector, and a
     contrastive likelihood (Eq. 7) can settle there, every logit equal, without learning.
